@@ -1,0 +1,238 @@
+"""The one configuration schema of a run: dataclasses, YAML presets, dotted overrides.
+
+``load_config("configs/tiny_cpu.yaml", ["train.epochs=3"])`` starts from the defaults
+below, applies the YAML file, then each ``dotted.key=value`` override (values parsed as
+YAML), and checks every key and type. A bad key or value raises :class:`ConfigError`
+whose message names it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that the schema does not accept."""
+
+
+@dataclass
+class ModelConfig:
+    size: Literal["micro", "tiny", "small", "base", "large"] = "base"
+    img_size: int = 224
+    patch_size: int = 16
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    proj_hidden: int = 4096  # projector / predictor MLP hidden width (MoCo v3)
+    proj_dim: int = 256  # contrastive embedding width
+
+
+@dataclass
+class MaskConfig:
+    strategy: Literal["symmetric", "random", "block"] = "symmetric"
+    cell: int = 1  # symmetric: online (fine) checkerboard cell size, in patches
+    coarse_cell: int = 2  # symmetric: momentum-branch (coarse) cell size
+    # symmetric: 0, 1 or random; random draws per sample on even cell grids and once per
+    # batch on odd ones (e.g. 14x14 patches with cell 2), so a batch shares one count.
+    phase: Literal[0, 1, "random"] = "random"
+    ratio: float = 0.75  # random / block: fraction of patches masked
+
+
+@dataclass
+class LossConfig:
+    norm_pix: bool = True  # MAE's per-patch normalised target
+    con_weight: float = 1.0  # lambda; 0 turns the contrastive branch off (not computed)
+    temperature: float = 0.2  # InfoNCE tau
+    momentum: float = 0.99  # EMA momentum at step 0, cosine schedule to momentum_end
+    momentum_end: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = None  # ImageFolder root with train/ and val/; None = embedded set
+    format: Literal["imagefolder", "webdataset"] = "imagefolder"
+    loader: Literal["auto", "dali", "torch"] = "auto"
+    workers: int = 4  # decode threads (DALI) or worker processes (torch)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+    cache_dir: str = "~/.cache/symmim"  # where the embedded data set is generated
+    embedded_seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4  # scaled by effective batch / 256
+    lr: Optional[float] = None  # absolute peak lr; overrides base_lr scaling when set
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    warmup_epochs: float = 40.0
+    clip_grad: float = 0.0  # 0 = no clipping
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 800
+    batch_size: int = 64  # micro batch per process
+    grad_accum: int = 1
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    seed: int = 0
+    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
+    ckpt_every_steps: int = 0  # 0 = checkpoint at the end of each epoch only
+    keep_checkpoints: int = 3
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    extra: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config
+
+
+@dataclass
+class KernelsConfig:
+    backend: Literal["auto", "triton", "torch"] = "auto"
+    attention: Literal["auto", "triton", "sdpa", "xformers", "torch"] = "auto"
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bar on rank 0
+    recon_images: int = 4  # val images in each epoch's reconstruction PNG (0 = none)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ds: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return _plain(asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, recursively, so the YAML dump reads back as the same config."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check(value: Any, hint: Any, key: str) -> Any:
+    """``value`` converted to the type ``hint``, or ConfigError naming ``key``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value in args and type(value) is type(next(a for a in args if a == value)):
+            return value
+        choices = "|".join(str(a) for a in args)
+        raise ConfigError(f"{key}: expected one of {choices}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check(value, inner, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_check(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is dict and isinstance(value, dict):
+        return value
+    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
+    """Apply a nested dict of updates onto dataclass ``obj``, checking keys and types."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(obj))
+            raise ConfigError(f"{key}: unknown key (known here: {known})")
+        if dataclasses.is_dataclass(hints[name]):
+            _merge(getattr(obj, name), value, f"{key}.")
+        else:
+            setattr(obj, name, _check(value, hints[name], key))
+
+
+def parse_override(text: str) -> dict:
+    """``"a.b=3"`` -> ``{"a": {"b": 3}}``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+    dotted, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{dotted}: cannot parse value {raw!r}: {err}") from None
+    node: dict = {}
+    top = node
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return top
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML preset at ``path``, then ``dotted.key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        _merge(cfg, data)
+    for text in overrides:
+        _merge(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that involve more than one key or a value range."""
+    m, t = cfg.model, cfg.train
+    if m.img_size % m.patch_size:
+        raise ConfigError(f"model.img_size: {m.img_size} is not a multiple of model.patch_size {m.patch_size}")
+    grid = m.img_size // m.patch_size
+    for key in ("cell", "coarse_cell"):
+        cell = getattr(cfg.mask, key)
+        if not 1 <= cell <= grid:
+            raise ConfigError(f"mask.{key}: {cell} does not fit the {grid}x{grid} patch grid")
+    if not 0.0 < cfg.mask.ratio < 1.0:
+        raise ConfigError(f"mask.ratio: must lie in (0, 1), got {cfg.mask.ratio}")
+    for key in ("batch_size", "grad_accum", "epochs"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}: must be at least 1, got {getattr(t, key)}")
+    if cfg.loss.con_weight < 0 or cfg.loss.temperature <= 0:
+        raise ConfigError("loss.con_weight must be >= 0 and loss.temperature > 0")
+    if not 0.0 <= cfg.loss.momentum <= cfg.loss.momentum_end <= 1.0:
+        raise ConfigError("loss.momentum: need 0 <= loss.momentum <= loss.momentum_end <= 1")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config; ``load_config(path)`` reads back the same config."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

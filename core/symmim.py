@@ -1,0 +1,111 @@
+"""SymMIM and its MAE baseline: one model, the contrastive branch on or off.
+
+- :class:`SymMIM` is the trained (online) part: visible-only encoder, MAE decoder and,
+  with ``loss.con_weight > 0``, MoCo v3's projector and predictor.
+- :class:`MomentumBranch` is the EMA copy of the encoder and projector. It lives outside
+  the optimizer (and outside DeepSpeed), in fp32, so the EMA update loses no precision.
+
+The MAE baseline is the same code with ``mask.strategy=random`` and ``loss.con_weight=0``:
+no momentum branch is built and nothing contrastive is computed.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.masking import Mask
+from core.vit import MAEDecoder, ViTEncoder
+from kernels import dispatch
+from kernels.dispatch import Backends
+
+
+def mlp_head(layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool) -> nn.Sequential:
+    """MoCo v3 MLP: Linear-BN-ReLU blocks, a last Linear, optionally a BN without affine."""
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        last = i == layers - 1
+        mods.append(nn.Linear(in_dim if i == 0 else hidden, out_dim if last else hidden, bias=False))
+        if not last:
+            mods += [nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        elif last_bn:
+            mods.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*mods)
+
+
+def info_nce(q: Tensor, k_all: Tensor, offset: int, temperature: float) -> Tensor:
+    """MoCo v3 contrastive loss ``2*tau * CE(q k_all^T / tau, own index)``.
+
+    q ``[B, E]`` (this rank), k_all ``[W*B, E]`` (every rank's keys, no gradient); sample
+    ``i`` of this rank is positive with key ``offset + i``. Both are L2-normalised here.
+    """
+    q = F.normalize(q.float(), dim=1)
+    k_all = F.normalize(k_all.float(), dim=1)
+    logits = q @ k_all.t() / temperature  # [B, W*B]
+    labels = torch.arange(q.shape[0], device=q.device) + offset
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+class SymMIM(nn.Module):
+    """Online encoder + decoder (+ projector/predictor); ``forward`` returns the losses."""
+
+    def __init__(self, cfg, backends: Backends):
+        super().__init__()
+        m = cfg.model
+        self.cfg = cfg
+        self.backends = backends
+        self.encoder = ViTEncoder(m.size, m.img_size, m.patch_size, backends)
+        self.decoder = MAEDecoder(
+            self.encoder.dim, m.decoder_dim, m.decoder_depth, m.decoder_heads, self.encoder.grid, m.patch_size, backends
+        )
+        self.contrastive = cfg.loss.con_weight > 0
+        if self.contrastive:
+            self.projector = mlp_head(3, self.encoder.dim, m.proj_hidden, m.proj_dim, last_bn=True)
+            self.predictor = mlp_head(2, m.proj_dim, m.proj_hidden, m.proj_dim, last_bn=False)
+
+    def forward(self, images: Tensor, mask: Mask, keys: Tensor | None = None, key_offset: int = 0) -> dict[str, Tensor]:
+        """images ``[B, 3, H, W]`` (fp32, normalised); keys ``[W*B, E]`` from the momentum branch."""
+        latent = self.encoder(images, mask)  # [B, 1 + N_vis, D]
+        pred = self.decoder(latent, mask)  # [B, N, 3*p*p]
+        loss_mim = dispatch.norm_pix_loss(pred, images, mask.mask, self.cfg.model.patch_size, self.cfg.loss.norm_pix, self.backends.ops)
+        out = {"loss_mim": loss_mim, "pred": pred}
+        if self.contrastive:
+            if keys is None:
+                raise ValueError("the contrastive branch is on: forward needs the momentum keys")
+            q = self.predictor(self.projector(latent[:, 0]))  # [B, E]
+            out["loss_con"] = info_nce(q, keys, key_offset, self.cfg.loss.temperature)
+            out["loss"] = loss_mim + self.cfg.loss.con_weight * out["loss_con"]
+        else:
+            out["loss_con"] = torch.zeros((), device=loss_mim.device)
+            out["loss"] = loss_mim
+        return out
+
+
+class MomentumBranch(nn.Module):
+    """EMA copy of the online encoder and projector: ``xi <- m * xi + (1 - m) * theta``."""
+
+    def __init__(self, online: SymMIM):
+        super().__init__()
+        self.encoder = copy.deepcopy(online.encoder).float()
+        self.projector = copy.deepcopy(online.projector).float()
+        self.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, mask: Mask, dtype: torch.dtype) -> Tensor:
+        """Keys ``[B, E]`` of the visible patches; the encoder runs in ``dtype`` via autocast."""
+        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            cls = self.encoder(images.float(), mask)[:, 0]  # [B, D]
+        return self.projector(cls.float())  # small MLP with BatchNorm: fp32
+
+    @torch.no_grad()
+    def update(self, online: SymMIM, momentum: float) -> None:
+        """EMA step from the online weights (any dtype); BN running stats are copied."""
+        for name in ("encoder", "projector"):
+            src, dst = getattr(online, name), getattr(self, name)
+            for p_dst, p_src in zip(dst.parameters(), src.parameters()):
+                p_dst.lerp_(p_src.detach().float(), 1.0 - momentum)
+            for b_dst, b_src in zip(dst.buffers(), src.buffers()):
+                b_dst.copy_(b_src)
+

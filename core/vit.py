@@ -1,0 +1,181 @@
+"""Vision Transformer encoder that encodes only visible patches, and MAE's light decoder.
+
+Parameter names follow timm's ``VisionTransformer`` (``cls_token``, ``pos_embed``,
+``patch_embed.proj``, ``blocks.{i}.norm1``, ``blocks.{i}.attn.qkv`` ...), so exported
+weights load into timm without renaming. Hot-path ops go through ``kernels.dispatch``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from core.masking import Mask
+from kernels import dispatch
+from kernels.dispatch import Backends
+
+
+@dataclass(frozen=True)
+class ViTSize:
+    dim: int
+    depth: int
+    heads: int
+
+
+VIT_SIZES = {
+    "micro": ViTSize(128, 4, 4),  # CPU smoke runs
+    "tiny": ViTSize(192, 12, 3),
+    "small": ViTSize(384, 12, 6),
+    "base": ViTSize(768, 12, 12),
+    "large": ViTSize(1024, 24, 16),
+}
+
+
+def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> Tensor:
+    """Fixed 2-D sin-cos position embedding ``[1, 1 + h*w, dim]``, a zero row for CLS."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a dim divisible by 4, got {dim}")
+    h, w = grid
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # [D/4]
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+
+    def embed(pos: Tensor) -> Tensor:
+        angles = pos.flatten()[:, None] * omega[None, :]  # [N, D/4]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # [N, D/2]
+
+    table = torch.cat([embed(cols), embed(rows)], dim=1)  # [N, D]
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()[None]
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm through the kernel backend switch (timm parameter names)."""
+
+    def __init__(self, dim: int, backends: Backends, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+        self.backends = backends
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dispatch.layer_norm(x, self.weight, self.bias, self.eps, self.backends.ops)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, backends: Backends):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.backends = backends
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, H, N, d_h]
+        out = dispatch.attention(qkv[0], qkv[1], qkv[2], self.backends.attention)  # [B, H, N, d_h]
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim: int, heads: int, backends: Backends, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, backends)
+        self.attn = Attention(dim, heads, backends)
+        self.norm2 = LayerNorm(dim, backends)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch: int, dim: int, channels: int = 3):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, dim, patch, patch)  # weight [D, C, p, p], used as a GEMM
+
+
+def _init_weights(module: nn.Module) -> None:
+    """MAE's initialisation: xavier-uniform linears (and patch projection), unit norms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class ViTEncoder(nn.Module):
+    """ViT that embeds and encodes only the visible patches of each image (plus CLS)."""
+
+    def __init__(self, size: str, img_size: int, patch: int, backends: Backends):
+        super().__init__()
+        s = VIT_SIZES[size]
+        self.dim, self.patch = s.dim, patch
+        self.grid = (img_size // patch, img_size // patch)
+        self.backends = backends
+        self.patch_embed = PatchEmbed(patch, s.dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, s.dim))
+        self.register_buffer("pos_embed", sincos_pos_embed(s.dim, self.grid), persistent=True)  # [1, 1+N, D]
+        self.blocks = nn.ModuleList(Block(s.dim, s.heads, backends) for _ in range(s.depth))
+        self.norm = LayerNorm(s.dim, backends)
+        _init_weights(self)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward(self, images: Tensor, mask: Mask | None = None) -> Tensor:
+        """``[B, C, H, W]`` -> ``[B, 1 + N_vis, D]`` (CLS first); no mask = every patch."""
+        b = images.shape[0]
+        if mask is None:
+            n = self.grid[0] * self.grid[1]
+            ids = torch.arange(n, device=images.device).expand(b, n)
+            mask = Mask(ids, torch.zeros(b, n, dtype=torch.bool, device=images.device), self.grid)
+        w = self.patch_embed.proj
+        pos = self.pos_embed.to(w.weight.dtype)  # [1, 1+N, D]
+        x = dispatch.patch_embed(images.to(pos.dtype), w.weight, w.bias, pos[0, 1:], mask, self.backends.ops)  # [B, N_vis, D]
+        cls = (self.cls_token + pos[:, :1]).expand(b, -1, -1).to(x.dtype)  # [B, 1, D]
+        x = torch.cat([cls, x], dim=1)  # [B, 1 + N_vis, D]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+
+class MAEDecoder(nn.Module):
+    """Light decoder: mask tokens re-inserted at the masked positions, predicts pixels."""
+
+    def __init__(self, enc_dim: int, dim: int, depth: int, heads: int, grid: tuple[int, int], patch: int, backends: Backends):
+        super().__init__()
+        self.decoder_embed = nn.Linear(enc_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_pos_embed(dim, grid), persistent=True)  # [1, 1+N, Dd]
+        self.blocks = nn.ModuleList(Block(dim, heads, backends) for _ in range(depth))
+        self.norm = LayerNorm(dim, backends)
+        self.pred = nn.Linear(dim, patch * patch * 3)
+        _init_weights(self)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, latent: Tensor, mask: Mask) -> Tensor:
+        """Encoder output ``[B, 1 + N_vis, D]`` -> pixel predictions ``[B, N, C*p*p]``."""
+        x = self.decoder_embed(latent)  # [B, 1 + N_vis, Dd]
+        b, _, d = x.shape
+        n = mask.mask.shape[1]
+        idx = mask.ids_keep[..., None].expand(-1, -1, d)  # [B, N_vis, Dd]
+        tokens = torch.scatter(self.mask_token.to(x.dtype).expand(b, n, d), 1, idx, x[:, 1:])  # [B, N, Dd]
+        x = torch.cat([x[:, :1], tokens], dim=1) + self.pos_embed.to(x.dtype)  # [B, 1 + N, Dd]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.pred(self.norm(x))[:, 1:]  # [B, N, C*p*p]

@@ -1,0 +1,102 @@
+"""DALI training pipeline: read this rank's shard, decode, random-resized-crop, flip, normalise.
+
+Decoding runs on the GPU (``mixed``, nvJPEG) when training on CUDA and on the CPU
+otherwise. The pipeline is built with DALI checkpointing, so its exact position (reader
+order, shuffle buffer, augmentation RNG) travels with a training checkpoint.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from data.folder import MEAN, STD, DataError, ImageList, batches_per_epoch
+
+READER = "reader"
+
+
+@pipeline_def(enable_checkpointing=True)
+def _train_pipeline(source, shard_id, num_shards, size, scale, hflip, decode_device, seed):
+    if isinstance(source, ImageList):
+        encoded, _ = fn.readers.file(
+            files=source.files, labels=source.labels, shard_id=shard_id, num_shards=num_shards,
+            random_shuffle=True, seed=seed, name=READER,
+        )
+    else:  # webdataset tar shards
+        encoded = fn.readers.webdataset(
+            paths=source, ext=["jpg;jpeg;png"], shard_id=shard_id, num_shards=num_shards,
+            random_shuffle=True, seed=seed, missing_component_behavior="error", name=READER,
+        )
+    images = fn.decoders.image_random_crop(
+        encoded, device=decode_device, output_type=types.RGB,
+        random_area=list(scale), random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
+    )
+    images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR)
+    mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
+    return fn.crop_mirror_normalize(
+        images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
+        mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD],
+    )  # [B, 3, S, S] float
+
+
+def webdataset_shards(root: str | Path) -> list[str]:
+    shards = sorted(str(p) for p in Path(root).glob("*.tar"))
+    if not shards:
+        raise DataError(f"no webdataset .tar shards in {root}")
+    return shards
+
+
+class DaliLoader:
+    """Per-rank batches from a DALI pipeline, as tensors on the training device."""
+
+    def __init__(self, source: ImageList | list[str], num_samples: int, cfg, size: int, rank: int, world: int, device: torch.device):
+        self.device = torch.device(device)
+        self.decode = "mixed" if self.device.type == "cuda" else "cpu"
+        self.batch = cfg.train.batch_size
+        self.steps_per_epoch = batches_per_epoch(num_samples, world, self.batch)
+        if isinstance(source, ImageList):
+            # Shuffle the list once so DALI's contiguous shards mix classes on every rank.
+            perm = np.random.default_rng(cfg.train.seed).permutation(len(source))
+            source = ImageList([source.files[i] for i in perm], [source.labels[i] for i in perm], source.classes)
+        self._build_args = dict(
+            source=source, shard_id=rank, num_shards=world, size=size, scale=cfg.data.crop_scale,
+            hflip=cfg.data.hflip, decode_device=self.decode, seed=cfg.train.seed + 1,
+            batch_size=self.batch, num_threads=cfg.data.workers,
+            device_id=self.device.index if self.device.type == "cuda" else None,
+        )
+        self._restored = False
+        self._iterator = self._make_iterator(None)
+        self.name = f"DALI ({cfg.data.format}, {cfg.data.workers} threads, decode={self.decode})"
+
+    def _make_iterator(self, checkpoint: bytes | None) -> DALIGenericIterator:
+        if self.device.type == "cuda" and self.device.index is None:
+            self._build_args["device_id"] = torch.cuda.current_device()
+        pipe = _train_pipeline(**self._build_args, checkpoint=checkpoint)
+        pipe.build()
+        return DALIGenericIterator(pipe, ["images"], reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        """This rank's ``steps_per_epoch`` batches ``[B, 3, S, S]``; resumes where it stopped.
+
+        A restored DALI checkpoint already sits at ``start_step``; without one the first
+        ``start_step`` batches are decoded and dropped to reach the same position.
+        """
+        skip = 0 if self._restored else start_step
+        self._restored = False
+        for step, out in enumerate(self._iterator, start=start_step - skip):
+            if step >= start_step and step < self.steps_per_epoch:
+                yield out[0]["images"].to(self.device, non_blocking=True)
+        # Shards can differ by a batch; every rank yields the same count, drops the rest.
+        self._iterator.reset()
+
+    def state_dict(self) -> dict:
+        return {"dali": self._iterator.checkpoints()[0]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "dali" in state:
+            self._iterator = self._make_iterator(state["dali"])
+            self._restored = True

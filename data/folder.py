@@ -1,0 +1,52 @@
+"""Listing an ImageFolder tree (``root/<class>/<image>``) and sharding it across ranks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, RGB, images in [0, 1]
+STD = (0.229, 0.224, 0.225)
+
+
+class DataError(RuntimeError):
+    """The data set on disk is missing, empty or unusable for this run."""
+
+
+@dataclass(frozen=True)
+class ImageList:
+    files: list[str]
+    labels: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def scan_imagefolder(root: str | Path) -> ImageList:
+    """Files and class indices (sorted class names, as torchvision) under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"data folder {root} has no class sub-folders")
+    files, labels = [], []
+    for idx, name in enumerate(classes):
+        found = sorted(str(p) for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise DataError(f"class folder {root / name} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        files += found
+        labels += [idx] * len(found)
+    return ImageList(files, labels, classes)
+
+
+def batches_per_epoch(num_samples: int, world: int, batch: int) -> int:
+    """Full batches each rank gets in one epoch (the tail is dropped on every rank)."""
+    steps = num_samples // world // batch
+    if steps == 0:
+        raise DataError(
+            f"{num_samples} samples cannot fill one global batch of {world} x {batch}; "
+            "use a smaller train.batch_size or more data"
+        )
+    return steps

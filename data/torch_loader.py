@@ -1,0 +1,124 @@
+"""Plain PyTorch fallback loader (PIL decode in DataLoader workers), same interface as DALI's.
+
+Order and augmentation are functions of ``(seed, epoch, index)`` alone, so an epoch can be
+resumed at any step and the output does not depend on the number of workers.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from data.folder import MEAN, STD, DataError, ImageList, batches_per_epoch, scan_imagefolder
+
+
+def random_resized_crop_box(
+    width: int, height: int, scale: tuple[float, float], rng: np.random.Generator, ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
+    """Crop box ``(left, top, right, bottom)`` as torchvision's RandomResizedCrop draws it."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    # Fallback: the largest central crop whose aspect ratio lies in range.
+    aspect = min(max(width / height, ratio[0]), ratio[1])
+    w = min(width, int(round(height * aspect)))
+    h = min(height, int(round(w / aspect)))
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+class _AugmentedImages(Dataset):
+    """Index ``(epoch, i)`` -> uint8 ``[3, S, S]`` random-resized-crop (+ flip) of image ``i``."""
+
+    def __init__(self, items: ImageList, size: int, scale: tuple[float, float], hflip: bool, seed: int):
+        self.items, self.size, self.scale, self.hflip, self.seed = items, size, scale, hflip, seed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        epoch, i = key
+        path = self.items.files[i]
+        rng = np.random.default_rng([self.seed, epoch, i])
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot decode image {path}: {err}") from None
+        box = random_resized_crop_box(img.width, img.height, self.scale, rng)
+        img = img.resize((self.size, self.size), Image.BILINEAR, box=box)
+        if self.hflip and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # [3, S, S] uint8
+
+
+class TorchLoader:
+    """Per-rank batches of augmented training images, normalised on the training device."""
+
+    def __init__(self, items: ImageList, cfg, size: int, rank: int, world: int, device: torch.device):
+        self.dataset = _AugmentedImages(items, size, cfg.data.crop_scale, cfg.data.hflip, cfg.train.seed)
+        self.batch, self.workers = cfg.train.batch_size, cfg.data.workers
+        self.rank, self.world, self.device = rank, world, torch.device(device)
+        self.seed = cfg.train.seed
+        self.steps_per_epoch = batches_per_epoch(len(items), world, self.batch)
+        self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255
+        self.name = f"torch DataLoader ({self.workers} workers, PIL decode on cpu)"
+
+    def _indices(self, epoch: int) -> list[int]:
+        """This rank's sample indices for ``epoch``: a disjoint slice of one global permutation."""
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        used = self.steps_per_epoch * self.batch * self.world
+        return torch.randperm(len(self.dataset), generator=g)[:used][self.rank :: self.world].tolist()
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        """Batches ``[B, 3, S, S]`` (float, normalised) of ``epoch``, from ``start_step`` on."""
+        keys = [(epoch, i) for i in self._indices(epoch)[start_step * self.batch :]]
+        loader = DataLoader(
+            self.dataset, batch_size=self.batch, sampler=keys, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
+        )
+        for images in loader:
+            images = images.to(self.device, non_blocking=True).float()
+            yield (images - self.mean) / self.std
+
+    def state_dict(self) -> dict:
+        return {}  # the trainer's (epoch, step) is the whole position
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def load_eval_images(root: str | Path, count: int, size: int) -> torch.Tensor:
+    """``count`` validation images, one per class in turn, resized and centre-cropped.
+
+    Returns ``[count, 3, size, size]`` float, normalised like the training batches.
+    """
+    items = scan_imagefolder(root)
+    by_class = [[f for f, l in zip(items.files, items.labels) if l == c] for c in range(len(items.classes))]
+    paths = [by_class[i % len(by_class)][i // len(by_class)] for i in range(count)]
+    crops = []
+    for path in paths:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+        scale = size / 0.875 / min(img.size)  # resize the short side to size / 0.875
+        img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BILINEAR)
+        left, top = (img.width - size) // 2, (img.height - size) // 2
+        crops.append(torch.from_numpy(np.asarray(img.crop((left, top, left + size, top + size))).copy()))
+    pixels = torch.stack(crops).permute(0, 3, 1, 2).float()  # [count, 3, S, S]
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    return (pixels - mean) / std
