@@ -1,8 +1,8 @@
 """The one configuration schema of a run: dataclasses, YAML presets, dotted overrides.
 
 ``load_config("configs/tiny_cpu.yaml", ["train.epochs=3"])`` starts from the defaults
-below, applies the YAML file, then each ``dotted.key=value`` override (values parsed as
-YAML), and checks every key and type. A bad key or value raises :class:`ConfigError`
+below, applies the YAML file (after the preset it names as ``base:``, if any), then each
+``dotted.key=value`` override (values parsed as YAML), and checks every key and type. A bad key or value raises :class:`ConfigError`
 whose message names it.
 """
 from __future__ import annotations
@@ -194,18 +194,29 @@ def parse_override(text: str) -> dict:
     return top
 
 
+def _preset_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
+    """The YAML mappings to apply, base presets first (``base: other.yaml`` inherits)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' presets form a cycle")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections")
+    base = data.pop("base", None)
+    chain = _preset_chain(path.parent / base, seen + (path.resolve(),)) if base else []
+    return chain + [data]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML preset at ``path``, then ``dotted.key=value`` overrides."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        _merge(cfg, data)
+        for data in _preset_chain(Path(path)):
+            _merge(cfg, data)
     for text in overrides:
         _merge(cfg, parse_override(text))
     validate(cfg)
