@@ -7,6 +7,7 @@ The model calls the ops below with the resolved :class:`Backends`.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -14,10 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.masking import Mask
-from kernels.attention import attention_reference
-from kernels.layernorm import layer_norm_reference
-from kernels.norm_pix_loss import norm_pix_loss_reference
-from kernels.patch_embed import patch_embed_reference
+from kernels.attention import attention_reference, attention_triton
+from kernels.layernorm import layer_norm_reference, layer_norm_triton
+from kernels.norm_pix_loss import norm_pix_loss_reference, norm_pix_loss_triton
+from kernels.patch_embed import patch_embed_reference, patch_embed_triton
 
 
 class BackendError(RuntimeError):
@@ -40,8 +41,11 @@ def resolve_backends(cfg, device: torch.device) -> Backends:
     attention = cfg.attention
     if attention == "auto":
         attention = "triton" if ops == "triton" else "sdpa"
-    if "triton" in (ops, attention) and importlib.util.find_spec("triton") is None:
-        raise BackendError("kernels: triton was asked for but is not installed")
+    if "triton" in (ops, attention) and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendError(
+            "kernels: triton kernels need a CUDA device; on CPU they run only under the (slow) "
+            "interpreter, TRITON_INTERPRET=1. Use kernels.backend=torch here"
+        )
     if attention == "xformers" and importlib.util.find_spec("xformers") is None:
         raise BackendError(
             "kernels.attention=xformers but xformers is not importable; "
@@ -61,8 +65,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
 
         out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)  # xformers works on [B, N, H, d]
-    from kernels.attention import attention_triton
-
     return attention_triton(q, k, v)
 
 
@@ -70,8 +72,6 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor,
     """Visible patches of ``images`` ``[B, C, H, W]`` -> tokens ``[B, N_vis, D]``."""
     if backend == "torch":
         return patch_embed_reference(images, weight, bias, pos_embed, mask.ids_keep)
-    from kernels.patch_embed import patch_embed_triton
-
     return patch_embed_triton(images, weight, bias, pos_embed, mask.ids_keep, mask.cell, mask.phase)
 
 
@@ -79,14 +79,10 @@ def norm_pix_loss(pred: Tensor, images: Tensor, mask: Tensor, patch: int, norm_p
     """Mean squared error over masked patches, ``pred`` ``[B, N, C*p*p]``."""
     if backend == "torch":
         return norm_pix_loss_reference(pred, images, mask, patch, norm_pix)
-    from kernels.norm_pix_loss import norm_pix_loss_triton
-
     return norm_pix_loss_triton(pred, images, mask, patch, norm_pix)
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, backend: str) -> Tensor:
     if backend == "torch":
         return layer_norm_reference(x, weight, bias, eps)
-    from kernels.layernorm import layer_norm_triton
-
     return layer_norm_triton(x, weight, bias, eps)

@@ -1,8 +1,16 @@
 from __future__ import annotations
 
-import pytest
+import os
 
-from data.embedded import ensure_embedded
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run in the interpreter. Triton reads this when a kernel
+# is defined (at import), so it is set before any test module imports ``kernels``.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from data.embedded import ensure_embedded  # noqa: E402
 
 
 @pytest.fixture(scope="session")
