@@ -8,6 +8,7 @@ whose message names it.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,17 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration key or value that the schema does not accept."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with ``1e-4`` read as a float (YAML 1.1 wants ``1.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 @dataclass
@@ -182,7 +194,7 @@ def parse_override(text: str) -> dict:
         raise ConfigError(f"override {text!r}: expected dotted.key=value")
     dotted, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"{dotted}: cannot parse value {raw!r}: {err}") from None
     node: dict = {}
@@ -201,12 +213,14 @@ def _preset_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' presets form a cycle")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_Loader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections")
     base = data.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected the file name of another preset, got {base!r}")
     chain = _preset_chain(path.parent / base, seen + (path.resolve(),)) if base else []
     return chain + [data]
 
@@ -238,6 +252,8 @@ def validate(cfg: Config) -> None:
     for key in ("batch_size", "grad_accum", "epochs"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}: must be at least 1, got {getattr(t, key)}")
+    if cfg.loss.con_weight > 0 and t.batch_size < 2:
+        raise ConfigError("train.batch_size: the contrastive heads' BatchNorm needs at least 2 images per process")
     if cfg.loss.con_weight < 0 or cfg.loss.temperature <= 0:
         raise ConfigError("loss.con_weight must be >= 0 and loss.temperature > 0")
     if not 0.0 <= cfg.loss.momentum <= cfg.loss.momentum_end <= 1.0:

@@ -85,7 +85,7 @@ def symmetric_mask(
     if phase == "random":
         draws = batch if m0 == m1 else 1
         host = torch.randint(0, 2, (draws,), generator=host_generator).expand(batch).contiguous()
-    elif phase in (0, 1):
+    elif type(phase) is int and phase in (0, 1):
         host = torch.full((batch,), int(phase), dtype=torch.long)
     else:
         raise ValueError(f"checkerboard phase must be 0, 1 or 'random', got {phase!r}")
