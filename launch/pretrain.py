@@ -23,20 +23,18 @@ import torch  # noqa: E402
 
 from core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from core.config import Config, ConfigError, load_config, save_config  # noqa: E402
-from core.distributed import DistInfo, all_gather, init_distributed, mean_across_ranks  # noqa: E402
+from core.distributed import DistInfo, init_distributed, mean_across_ranks  # noqa: E402
 from core.masking import MaskGenerator  # noqa: E402
 from core.metrics import MetricsLog  # noqa: E402
-from core.optim import build_optimizer  # noqa: E402
 from core.recon import save_recon_grid  # noqa: E402
 from core.schedules import lr_at, momentum_at  # noqa: E402
-from core.symmim import MomentumBranch, SymMIM  # noqa: E402
+from core.train_step import build_training  # noqa: E402
 from data.folder import DataError  # noqa: E402
 from data.loader import build_train_loader, data_root  # noqa: E402
 from data.torch_loader import load_eval_images  # noqa: E402
-from kernels.dispatch import BackendError, resolve_backends  # noqa: E402
+from kernels.dispatch import BackendError  # noqa: E402
 
 log = logging.getLogger("symmim")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,28 +45,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
-
-
-def deepspeed_config(cfg: Config) -> dict:
-    """The DeepSpeed engine config generated from ours, with ``ds.extra`` merged on top."""
-    t = cfg.train
-    ds = {
-        "train_micro_batch_size_per_gpu": t.batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": cfg.optim.clip_grad,
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "zero_optimization": {"stage": cfg.ds.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,
-    }
-
-    def merge(base: dict, extra: dict) -> dict:
-        for k, v in extra.items():
-            base[k] = merge(base.get(k, {}), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-        return base
-
-    return merge(ds, cfg.ds.extra)
 
 
 @dataclass
@@ -88,23 +64,14 @@ def setup_logging(rank: int) -> None:
 
 
 def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None:
-    import deepspeed
     from tqdm import tqdm
 
     rank, world, device = dist_info.rank, dist_info.world, dist_info.device
     torch.manual_seed(cfg.train.seed + rank)
-    backends = resolve_backends(cfg.kernels, device)
-    log.info("device %s, %d process(es); %s; precision %s", device, world, backends.describe(), cfg.train.precision)
-
-    dtype = DTYPES[cfg.train.precision]
-    model = SymMIM(cfg, backends).to(device)
-    momentum = MomentumBranch(model).to(device) if model.contrastive else None  # fp32 copy
-    model.to(dtype)  # buffers too (BatchNorm statistics, position tables): DeepSpeed casts parameters only
+    tr = build_training(cfg, dist_info)
+    model, momentum, masks, engine = tr.model, tr.momentum, tr.masks, tr.engine
+    log.info("device %s, %d process(es); %s; precision %s", device, world, tr.backends.describe(), cfg.train.precision)
     loader = build_train_loader(cfg, rank, world, device)
-    masks = MaskGenerator(cfg.mask, model.encoder.grid, device, seed=cfg.train.seed * 1000 + rank)
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=build_optimizer(model, cfg, device), config=deepspeed_config(cfg)
-    )
 
     batch, accum = cfg.train.batch_size, cfg.train.grad_accum
     micro_per_epoch = loader.steps_per_epoch // accum * accum
@@ -159,14 +126,8 @@ def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None
             images = next(batches)  # [B, 3, S, S] on device
             wait += time.perf_counter() - t0
             lr = lr_at(pos.step, total_steps, warmup, peak_lr, cfg.optim.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            keys = None
-            if momentum is not None:
-                keys = all_gather(momentum(images, masks.momentum(batch), dtype))  # [W*B, E]
-            out = engine(images, masks.online(batch), keys, rank * batch)
-            engine.backward(out["loss"])
-            engine.step()
+            m = momentum_at(pos.step + 1, total_steps, cfg.loss.momentum, cfg.loss.momentum_end)
+            out = tr.step(images, lr, m)
             sums += torch.stack([out["loss"], out["loss_mim"], out["loss_con"]]).detach().float()
             pos.micro += 1
             window_micro += 1
@@ -174,8 +135,6 @@ def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None
                 continue
             pos.step += 1
             bar.update(1)
-            if momentum is not None:
-                momentum.update(engine.module, momentum_at(pos.step, total_steps, cfg.loss.momentum, cfg.loss.momentum_end))
             last = pos.step >= total_steps
             if pos.step % cfg.log.every_steps == 0 or last:
                 loss, mim, con = (mean_across_ranks(sums) / window_micro).tolist()
