@@ -1,12 +1,17 @@
-"""Training checkpoints: DeepSpeed's engine state plus our own per-rank state.
+"""Training checkpoints: DeepSpeed's engine state plus our own per-rank state, written safely.
 
 Layout under ``run_dir/checkpoints``: one folder per tag (``step00001234``) holding the
-DeepSpeed files and ``rank{r}_state.pt`` (data position, mask RNG, torch RNG of rank r);
-``latest`` names the newest complete tag (DeepSpeed writes it last).
+DeepSpeed files, ``rank{r}_state.pt`` (data position, mask and torch RNG of rank r) and,
+written last, ``manifest.json`` (every file with its size, the world size, the model
+architecture). ``latest`` names the newest tag and is replaced atomically only after the
+manifest exists, so a crash mid-save never leaves a ``latest`` pointing at a partial tag.
+Loading verifies the manifest and falls back to the newest intact tag.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -14,39 +19,91 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger("symmim.checkpoint")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed here (foreign model, other world size, damaged)."""
 
 
 def step_tag(step: int) -> str:
     return f"step{step:08d}"
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, keep: int) -> Path:
-    """Save on every rank (collective); keep the ``keep`` newest tags."""
-    rank = dist.get_rank()
+def _tags(ckpt_dir: Path) -> list[Path]:
+    """Tag folders, oldest first."""
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step")) if ckpt_dir.is_dir() else []
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, arch: dict, keep: int) -> Path:
+    """Save on every rank (collective); the tag becomes ``latest`` once complete."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     tag = step_tag(step)
     tag_dir = ckpt_dir / tag
+    if rank == 0 and tag_dir.exists():
+        shutil.rmtree(tag_dir)  # an earlier, interrupted save of the same step
+    dist.barrier()
     tag_dir.mkdir(parents=True, exist_ok=True)
     torch.save(rank_state, tag_dir / f"rank{rank}_state.pt")
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
-    dist.barrier()
-    if rank == 0 and keep > 0:
-        tags = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
-        for old in tags[:-keep]:
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()  # every rank's files are on disk
+    if rank == 0:
+        files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+        _write_atomic(tag_dir / MANIFEST, json.dumps({"step": step, "world_size": world, "arch": arch, "files": files}, indent=1))
+        _write_atomic(ckpt_dir / "latest", tag)
+        for old in _tags(ckpt_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
     return tag_dir
 
 
-def load_checkpoint(engine, ckpt_dir: Path) -> tuple[dict, dict] | None:
-    """Restore the engine from the latest tag; ``(client_state, rank_state)`` or None."""
-    if not (ckpt_dir / "latest").is_file():
-        return None
-    path, client_state = engine.load_checkpoint(str(ckpt_dir))
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint named by {ckpt_dir / 'latest'}")
-    tag = (ckpt_dir / "latest").read_text().strip()
-    rank_file = ckpt_dir / tag / f"rank{dist.get_rank()}_state.pt"
-    if not rank_file.is_file():
-        raise RuntimeError(f"{rank_file} is missing: the checkpoint was written by a different number of ranks")
-    rank_state = torch.load(rank_file, weights_only=False)
-    log.info("resumed from %s", ckpt_dir / tag)
-    return client_state, rank_state
+def _problem(tag_dir: Path, world: int, arch: dict) -> str | None:
+    """Why ``tag_dir`` cannot be resumed by this run, or None if it can."""
+    try:
+        manifest = json.loads((tag_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "incomplete (no readable manifest.json: the save was interrupted)"
+    for name, size in manifest["files"].items():
+        path = tag_dir / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"damaged: {name} is missing or truncated"
+    if manifest["arch"] != arch:
+        diff = {k: (manifest["arch"].get(k), v) for k, v in arch.items() if manifest["arch"].get(k) != v}
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"{tag_dir} holds another model ({detail}); use the run's own config or a new --output-dir")
+    if manifest["world_size"] != world:
+        raise CheckpointError(
+            f"{tag_dir} was written by {manifest['world_size']} processes, this run has {world}. ZeRO optimizer "
+            "shards and per-rank data positions belong to the process count: resume with the same number of "
+            "processes, or export the weights (launch/export.py) and start a new run from them"
+        )
+    return None
+
+
+def load_checkpoint(engine, ckpt_dir: Path, arch: dict) -> tuple[dict, dict] | None:
+    """Restore the newest intact tag: ``(client_state, rank_state)``, or None if there is none.
+
+    A damaged or incomplete tag is skipped with a warning naming it; a checkpoint of another
+    model or another world size raises :class:`CheckpointError`.
+    """
+    world = dist.get_world_size()
+    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+    candidates = [t for t in reversed(_tags(ckpt_dir)) if latest is None or t.name <= latest]
+    for tag_dir in candidates:
+        problem = _problem(tag_dir, world, arch)
+        if problem:
+            log.warning("skipping checkpoint %s: %s", tag_dir, problem)
+            continue
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag_dir.name)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
+        rank_state = torch.load(tag_dir / f"rank{dist.get_rank()}_state.pt", weights_only=False)
+        log.info("resumed from %s", tag_dir)
+        return client_state, rank_state
+    return None

@@ -68,6 +68,7 @@ class LossConfig:
 @dataclass
 class DataConfig:
     root: Optional[str] = None  # ImageFolder root with train/ and val/; None = embedded set
+    exclude: Optional[str] = None  # file list to skip (launch/verify_data.py); default ROOT/symmim_exclude.txt
     format: Literal["imagefolder", "webdataset"] = "imagefolder"
     loader: Literal["auto", "dali", "torch"] = "auto"
     workers: int = 4  # decode threads (DALI) or worker processes (torch)
@@ -96,9 +97,13 @@ class TrainConfig:
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     seed: int = 0
-    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
+    max_steps: int = 0  # run length in optimizer steps; schedules span it (0 = train.epochs)
+    time_limit_min: float = 0.0  # stop (with a checkpoint) after this many minutes (0 = none)
     ckpt_every_steps: int = 0  # 0 = checkpoint at the end of each epoch only
+    ckpt_every_min: float = 0.0  # also checkpoint every this many minutes (0 = off)
     keep_checkpoints: int = 3
+    max_nonfinite: int = 5  # stop after this many non-finite losses in a row (each one skips its step)
+    dist_timeout_min: float = 30.0  # a collective waiting longer than this fails the job
 
 
 @dataclass
@@ -111,6 +116,40 @@ class DeepSpeedConfig:
 class KernelsConfig:
     backend: Literal["auto", "triton", "torch"] = "auto"
     attention: Literal["auto", "triton", "sdpa", "xformers", "torch"] = "auto"
+
+
+@dataclass
+class EvalConfig:
+    knn_every_epochs: int = 0  # periodic kNN on frozen features during pre-training (0 = off)
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    pool: Literal["cls", "mean"] = "cls"  # feature: CLS token or mean of patch tokens
+    batch_size: int = 128  # per process, feature extraction
+
+
+@dataclass
+class FinetuneConfig:
+    """Supervised recipe of ``launch/finetune.py`` (MAE fine-tuning) and ``launch/linprobe.py``.
+
+    Batch size, precision, ZeRO stage, gradient clipping, seed and the crop scale come from
+    ``train``, ``ds``, ``optim.clip_grad`` and ``data`` as in pre-training; the feature is
+    ``eval.pool``. The ``*_finetune.yaml`` / ``*_linprobe.yaml`` presets set MAE's values;
+    the linear probe uses the schedule keys only (no layer decay, drop path or mixing).
+    """
+
+    epochs: int = 100
+    max_steps: int = 0  # run length in optimizer steps; schedules span it (0 = finetune.epochs)
+    base_lr: float = 5e-4  # scaled by effective batch / 256
+    lr: Optional[float] = None  # absolute peak lr; overrides base_lr scaling when set
+    min_lr: float = 1e-6
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = 0.65  # lr scale layer_decay ** (depth + 1 - layer); layer 0 = embeddings
+    drop_path: float = 0.1  # stochastic depth of the last block, linear from 0 at the first
+    label_smoothing: float = 0.1
+    mixup: float = 0.8  # mixup Beta(alpha, alpha); 0 = off
+    cutmix: float = 1.0  # cutmix Beta(alpha, alpha); 0 = off; with both on, one of them per batch, 50/50
 
 
 @dataclass
@@ -131,6 +170,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ds: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
@@ -258,6 +299,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("loss.con_weight must be >= 0 and loss.temperature > 0")
     if not 0.0 <= cfg.loss.momentum <= cfg.loss.momentum_end <= 1.0:
         raise ConfigError("loss.momentum: need 0 <= loss.momentum <= loss.momentum_end <= 1")
+    f = cfg.finetune
+    if f.epochs < 1 or not 0.0 < f.layer_decay <= 1.0 or not 0.0 <= f.drop_path < 1.0 or not 0.0 <= f.label_smoothing < 1.0:
+        raise ConfigError("finetune: need epochs >= 1, 0 < layer_decay <= 1, 0 <= drop_path < 1, 0 <= label_smoothing < 1")
+    if f.mixup < 0 or f.cutmix < 0:
+        raise ConfigError("finetune.mixup / finetune.cutmix: Beta parameters must be >= 0 (0 = off)")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

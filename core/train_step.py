@@ -7,6 +7,7 @@ the EMA update. An optional :class:`PhaseTimer` splits its time into phases.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -79,8 +80,12 @@ class Training:
     optimizer: torch.optim.Optimizer
     dtype: torch.dtype
 
-    def step(self, images: Tensor, lr: float, ema_momentum: float, timer: PhaseTimer | None = None) -> dict[str, Tensor]:
-        """One micro-batch ``[B, 3, S, S]``; returns the loss tensors (no host sync)."""
+    def step(self, images: Tensor, lr: float, ema_momentum: float, timer: PhaseTimer | None = None) -> dict:
+        """One micro-batch ``[B, 3, S, S]``; returns the loss tensors and ``stepped`` / ``skipped``.
+
+        A non-finite loss on any rank skips this micro-batch's backward and update on every
+        rank (``skipped``); ``stepped`` says whether the optimizer stepped.
+        """
         mark = timer.mark if timer else (lambda phase: None)
         batch = images.shape[0]
         for group in self.optimizer.param_groups:
@@ -90,16 +95,28 @@ class Training:
             keys = all_gather(self.momentum(images, self.masks.momentum(batch), self.dtype))  # [W*B, E]
             mark("momentum_forward")
         out = self.engine(images, self.masks.online(batch), keys, self.dist.rank * batch)
+        finite = torch.isfinite(out["loss"].detach()).float()
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)  # every rank skips together
         mark("forward")
+        out["skipped"] = not bool(finite)
+        out["stepped"] = False
+        if out["skipped"]:
+            return out
         self.engine.backward(out["loss"])
         mark("backward")
-        boundary = self.engine.is_gradient_accumulation_boundary()
+        out["stepped"] = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
         mark("optimizer")
-        if boundary and self.momentum is not None:
+        if out["stepped"] and self.momentum is not None:
             self.momentum.update(self.engine.module, ema_momentum)
             mark("ema")
         return out
+
+
+def architecture(cfg: Config) -> dict:
+    """What a checkpoint must match to be resumed: the model and whether it has the heads."""
+    return {**dataclasses.asdict(cfg.model), "contrastive": cfg.loss.con_weight > 0}
 
 
 def build_training(cfg: Config, dist: DistInfo) -> Training:

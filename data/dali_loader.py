@@ -15,8 +15,10 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from data.folder import MEAN, STD, DataError, ImageList, batches_per_epoch
+from data.verify import verify_files
 
 READER = "reader"
+SCAN_ON_FAILURE = 20_000  # on a decode failure, find the broken files of lists up to this size
 
 
 @pipeline_def(enable_checkpointing=True)
@@ -77,21 +79,58 @@ class DaliLoader:
             self._build_args["device_id"] = torch.cuda.current_device()
         pipe = _train_pipeline(**self._build_args, checkpoint=checkpoint)
         pipe.build()
-        return DALIGenericIterator(pipe, ["images"], reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+        try:  # the iterator decodes its first batch right away
+            return DALIGenericIterator(pipe, ["images"], reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+        except RuntimeError as err:
+            raise self._decode_failure(err) from None
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
-        """This rank's ``steps_per_epoch`` batches ``[B, 3, S, S]``; resumes where it stopped.
+    def _decode_failure(self, err: RuntimeError) -> DataError:
+        """A DataError naming the broken files (DALI's message gives only a batch index)."""
+        dali_says = " ".join(line.strip() for line in str(err).splitlines() if "failure" in line or "rror" in line)[:300]
+        source = self._build_args["source"]
+        if isinstance(source, ImageList) and len(source) <= SCAN_ON_FAILURE:
+            broken = [f for f in verify_files(source.files) if f.broken]
+            if broken:
+                names = "; ".join(f"{f.path} ({f.detail})" for f in broken[:10])
+                return DataError(f"cannot decode {len(broken)} file(s): {names}. "
+                                 "Write an exclusion list with: python launch/verify_data.py DATA_ROOT")
+        return DataError(f"DALI failed to read or decode this rank's data ({dali_says}); find the broken files and "
+                         "write an exclusion list with: python launch/verify_data.py DATA_ROOT")
+
+    def epoch(self, epoch: int, start_step: int = 0, stop_step: int | None = None) -> Iterator[torch.Tensor]:
+        """This rank's batches ``[B, 3, S, S]`` from ``start_step`` up to ``stop_step`` (default
+        ``steps_per_epoch``).
 
         A restored DALI checkpoint already sits at ``start_step``; without one the first
-        ``start_step`` batches are decoded and dropped to reach the same position.
+        ``start_step`` batches are decoded and dropped to reach the same position. Before the
+        last batch is handed out, the rest of the shard is drained (shards can differ by a
+        batch) and the reader reset, so the next epoch, or a checkpoint, starts cleanly.
         """
-        skip = 0 if self._restored else start_step
+        stop = stop_step or self.steps_per_epoch
+        step = start_step if self._restored else 0
         self._restored = False
-        for step, out in enumerate(self._iterator, start=start_step - skip):
-            if step >= start_step and step < self.steps_per_epoch:
-                yield out[0]["images"].to(self.device, non_blocking=True)
-        # Shards can differ by a batch; every rank yields the same count, drops the rest.
+        while (out := self._next()) is not None:
+            images = out[0]["images"]
+            if step == stop - 1:
+                images = images.clone()  # DALI reuses its output buffers while draining
+                while self._next() is not None:
+                    pass
+                self._iterator.reset()
+                yield images.to(self.device, non_blocking=True)
+                return
+            if step >= start_step:
+                yield images.to(self.device, non_blocking=True)
+            step += 1
         self._iterator.reset()
+
+    def _next(self):
+        """The iterator's next output, None at the end of the epoch; decode errors named."""
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            return None
+        except RuntimeError as err:
+            raise self._decode_failure(err) from None
 
     def state_dict(self) -> dict:
         return {"dali": self._iterator.checkpoints()[0]}

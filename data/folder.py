@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+EXCLUDE_FILE = "symmim_exclude.txt"  # written by launch/verify_data.py
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, RGB, images in [0, 1]
 STD = (0.229, 0.224, 0.225)
 
@@ -23,8 +24,22 @@ class ImageList:
         return len(self.files)
 
 
-def scan_imagefolder(root: str | Path) -> ImageList:
-    """Files and class indices (sorted class names, as torchvision) under ``root``."""
+def read_exclusions(data_root: Path, exclude: str | None) -> frozenset[str]:
+    """Absolute paths to skip: the list ``exclude``, else ``data_root/symmim_exclude.txt`` if present.
+
+    Entries are paths relative to ``data_root``, one per line, ``#`` starts a comment.
+    """
+    path = Path(exclude).expanduser() if exclude else data_root / EXCLUDE_FILE
+    if not path.is_file():
+        if exclude:
+            raise DataError(f"data.exclude {path} does not exist")
+        return frozenset()
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return frozenset(str(data_root / line) for line in lines if line)
+
+
+def scan_imagefolder(root: str | Path, exclude: frozenset[str] = frozenset()) -> ImageList:
+    """Files and class indices (sorted class names, as torchvision) under ``root``, less ``exclude``."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist")
@@ -33,7 +48,7 @@ def scan_imagefolder(root: str | Path) -> ImageList:
         raise DataError(f"data folder {root} has no class sub-folders")
     files, labels = [], []
     for idx, name in enumerate(classes):
-        found = sorted(str(p) for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(s for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and (s := str(p)) not in exclude)
         if not found:
             raise DataError(f"class folder {root / name} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         files += found

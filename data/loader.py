@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from data.folder import DataError, scan_imagefolder
+from data.folder import EXCLUDE_FILE, DataError, read_exclusions, scan_imagefolder
 
 log = logging.getLogger("symmim.data")
 
@@ -42,7 +42,10 @@ def build_train_loader(cfg, rank: int, world: int, device: torch.device):
         shards = webdataset_shards(root / "train")
         loader = DaliLoader(shards, count_samples(shards), cfg, size, rank, world, device)
     else:
-        items = scan_imagefolder(root / "train")
+        exclude = read_exclusions(root, cfg.data.exclude)
+        items = scan_imagefolder(root / "train", exclude)
+        if exclude and rank == 0:
+            log.info("data: %d files excluded by %s", len(exclude), cfg.data.exclude or root / EXCLUDE_FILE)
         if kind == "dali":
             from data.dali_loader import DaliLoader
 

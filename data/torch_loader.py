@@ -40,8 +40,37 @@ def random_resized_crop_box(
     return left, top, left + w, top + h
 
 
+def open_rgb(path: str) -> Image.Image:
+    """The decoded RGB image at ``path``; DataError naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot decode image {path}: {err}") from None
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> uint8 ``[3, H, W]``."""
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Evaluation view: short side resized to ``size / 0.875``, then the central ``size`` square."""
+    scale = size / 0.875 / min(img.size)
+    img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BILINEAR)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (or 0-255 float) ``[B, 3, H, W]`` -> float normalised with ImageNet MEAN / STD, same device."""
+    mean = torch.tensor(MEAN, device=pixels.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=pixels.device).view(1, 3, 1, 1) * 255
+    return (pixels.float() - mean) / std
+
+
 class _AugmentedImages(Dataset):
-    """Index ``(epoch, i)`` -> uint8 ``[3, S, S]`` random-resized-crop (+ flip) of image ``i``."""
+    """Index ``(epoch, i)`` -> (uint8 ``[3, S, S]`` random-resized-crop (+ flip) of image ``i``, label)."""
 
     def __init__(self, items: ImageList, size: int, scale: tuple[float, float], hflip: bool, seed: int):
         self.items, self.size, self.scale, self.hflip, self.seed = items, size, scale, hflip, seed
@@ -49,33 +78,30 @@ class _AugmentedImages(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, i = key
-        path = self.items.files[i]
         rng = np.random.default_rng([self.seed, epoch, i])
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot decode image {path}: {err}") from None
+        img = open_rgb(self.items.files[i])
         box = random_resized_crop_box(img.width, img.height, self.scale, rng)
         img = img.resize((self.size, self.size), Image.BILINEAR, box=box)
         if self.hflip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # [3, S, S] uint8
+        return to_tensor(img), self.items.labels[i]  # [3, S, S] uint8, class index
 
 
 class TorchLoader:
-    """Per-rank batches of augmented training images, normalised on the training device."""
+    """Per-rank batches of augmented training images, normalised on the training device.
 
-    def __init__(self, items: ImageList, cfg, size: int, rank: int, world: int, device: torch.device):
+    With ``labels=True`` (fine-tuning, linear probe) each batch is ``(images, labels)``.
+    """
+
+    def __init__(self, items: ImageList, cfg, size: int, rank: int, world: int, device: torch.device, labels: bool = False):
         self.dataset = _AugmentedImages(items, size, cfg.data.crop_scale, cfg.data.hflip, cfg.train.seed)
         self.batch, self.workers = cfg.train.batch_size, cfg.data.workers
         self.rank, self.world, self.device = rank, world, torch.device(device)
         self.seed = cfg.train.seed
         self.steps_per_epoch = batches_per_epoch(len(items), world, self.batch)
-        self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255
+        self.labels = labels
         self.name = f"torch DataLoader ({self.workers} workers, PIL decode on cpu)"
 
     def _indices(self, epoch: int) -> list[int]:
@@ -84,16 +110,17 @@ class TorchLoader:
         used = self.steps_per_epoch * self.batch * self.world
         return torch.randperm(len(self.dataset), generator=g)[:used][self.rank :: self.world].tolist()
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
-        """Batches ``[B, 3, S, S]`` (float, normalised) of ``epoch``, from ``start_step`` on."""
-        keys = [(epoch, i) for i in self._indices(epoch)[start_step * self.batch :]]
+    def epoch(self, epoch: int, start_step: int = 0, stop_step: int | None = None) -> Iterator:
+        """Batches ``[B, 3, S, S]`` (float, normalised; with labels ``[B]``) of ``epoch``, ``start_step`` to ``stop_step``."""
+        stop = stop_step or self.steps_per_epoch
+        keys = [(epoch, i) for i in self._indices(epoch)[start_step * self.batch : stop * self.batch]]
         loader = DataLoader(
             self.dataset, batch_size=self.batch, sampler=keys, num_workers=self.workers,
             pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
         )
-        for images in loader:
-            images = images.to(self.device, non_blocking=True).float()
-            yield (images - self.mean) / self.std
+        for images, labels in loader:
+            images = normalize(images.to(self.device, non_blocking=True))
+            yield (images, labels.to(self.device)) if self.labels else images
 
     def state_dict(self) -> dict:
         return {}  # the trainer's (epoch, step) is the whole position
@@ -110,15 +137,4 @@ def load_eval_images(root: str | Path, count: int, size: int) -> torch.Tensor:
     items = scan_imagefolder(root)
     by_class = [[f for f, l in zip(items.files, items.labels) if l == c] for c in range(len(items.classes))]
     paths = [by_class[i % len(by_class)][i // len(by_class)] for i in range(count)]
-    crops = []
-    for path in paths:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-        scale = size / 0.875 / min(img.size)  # resize the short side to size / 0.875
-        img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BILINEAR)
-        left, top = (img.width - size) // 2, (img.height - size) // 2
-        crops.append(torch.from_numpy(np.asarray(img.crop((left, top, left + size, top + size))).copy()))
-    pixels = torch.stack(crops).permute(0, 3, 1, 2).float()  # [count, 3, S, S]
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
-    return (pixels - mean) / std
+    return normalize(torch.stack([to_tensor(center_crop(open_rgb(p), size)) for p in paths]))  # [count, 3, S, S]

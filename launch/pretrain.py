@@ -11,7 +11,9 @@ reconstruction picture under ``recon/``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -21,14 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import torch  # noqa: E402
 
-from core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from core.config import Config, ConfigError, load_config, save_config  # noqa: E402
 from core.distributed import DistInfo, init_distributed, mean_across_ranks  # noqa: E402
 from core.masking import MaskGenerator  # noqa: E402
 from core.metrics import MetricsLog  # noqa: E402
 from core.recon import save_recon_grid  # noqa: E402
 from core.schedules import lr_at, momentum_at  # noqa: E402
-from core.train_step import build_training  # noqa: E402
+from core.flops import peak_flops, train_flops_per_image  # noqa: E402
+from core.train_step import architecture, build_training  # noqa: E402
 from data.folder import DataError  # noqa: E402
 from data.loader import build_train_loader, data_root  # noqa: E402
 from data.torch_loader import load_eval_images  # noqa: E402
@@ -54,6 +57,23 @@ class Position:
     epoch: int = 0
     micro: int = 0  # micro-batches consumed in this epoch (this rank)
     step: int = 0  # optimizer steps
+    wall_s: float = 0.0  # training seconds, summed over resumed sessions
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stays non-finite)."""
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; training finishes its step, checkpoints and exits 0."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
 
 
 def setup_logging(rank: int) -> None:
@@ -63,10 +83,18 @@ def setup_logging(rank: int) -> None:
     )
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past ``step``: a crashed session may have logged steps it never saved."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(lines))
+
+
 def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None:
     from tqdm import tqdm
 
     rank, world, device = dist_info.rank, dist_info.world, dist_info.device
+    stop = StopRequest()
     torch.manual_seed(cfg.train.seed + rank)
     tr = build_training(cfg, dist_info)
     model, momentum, masks, engine = tr.model, tr.momentum, tr.masks, tr.engine
@@ -83,13 +111,17 @@ def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None
         total_steps = min(total_steps, cfg.train.max_steps)
     peak_lr = cfg.optim.lr or cfg.optim.base_lr * batch * accum * world / 256
     warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
-    log.info("model: %.1fM trainable parameters; peak lr %.3g, %d steps (%d per epoch), warm-up %d",
-             sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, peak_lr, total_steps, steps_per_epoch, warmup)
+    flops = train_flops_per_image(cfg)
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    log.info("model: %.1fM trainable parameters, %.1f GFLOP per image per step; peak lr %.3g, %d steps (%d per epoch), warm-up %d",
+             sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, flops / 1e9, peak_lr, total_steps,
+             steps_per_epoch, warmup)
 
     ckpt_dir = run_dir / "checkpoints"
+    arch = architecture(cfg)
     pos = Position()
     if resume:
-        restored = load_checkpoint(engine, ckpt_dir)
+        restored = load_checkpoint(engine, ckpt_dir, arch)
         if restored is None:
             log.info("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
         else:
@@ -100,12 +132,15 @@ def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None
             masks.load_state_dict(own["masks"])
             loader.load_state_dict(own["loader"])
             torch.set_rng_state(own["torch_rng"])
+            if rank == 0:
+                _truncate_metrics(run_dir / "metrics.jsonl", pos.step)
 
-    def checkpoint() -> None:
+    def checkpoint(directory: Path = ckpt_dir) -> Path:
         client = {"position": vars(pos).copy(), "momentum": momentum.state_dict() if momentum else None}
         own = {"masks": masks.state_dict(), "loader": loader.state_dict(), "torch_rng": torch.get_rng_state()}
-        path = save_checkpoint(engine, ckpt_dir, pos.step, client, own, cfg.train.keep_checkpoints)
+        path = save_checkpoint(engine, directory, pos.step, client, own, arch, cfg.train.keep_checkpoints)
         log.info("checkpoint saved: %s", path)
+        return path
 
     recon_images = None
     if rank == 0 and cfg.log.recon_images:
@@ -116,11 +151,12 @@ def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None
     metrics = MetricsLog(run_dir, enabled=rank == 0, tensorboard=cfg.log.tensorboard)
     bar = tqdm(total=total_steps, initial=pos.step, disable=rank != 0 or not cfg.log.progress, unit="step", dynamic_ncols=True)
     sums = torch.zeros(3, device=device)  # loss, loss_mim, loss_con over the logging window
-    window_start, wait, window_micro = time.perf_counter(), 0.0, 0
+    window_start, wait, window_micro, skipped, nonfinite_run = time.perf_counter(), 0.0, 0, 0, 0
+    session_start, wall_at_start, last_ckpt_time = time.perf_counter(), pos.wall_s, time.perf_counter()
     done = pos.step >= total_steps
     while not done and pos.epoch < cfg.train.epochs:
         engine.train()
-        batches = loader.epoch(pos.epoch, pos.micro)
+        batches = loader.epoch(pos.epoch, pos.micro, micro_per_epoch)
         while pos.micro < micro_per_epoch:
             t0 = time.perf_counter()
             images = next(batches)  # [B, 3, S, S] on device
@@ -128,33 +164,71 @@ def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None
             lr = lr_at(pos.step, total_steps, warmup, peak_lr, cfg.optim.min_lr)
             m = momentum_at(pos.step + 1, total_steps, cfg.loss.momentum, cfg.loss.momentum_end)
             out = tr.step(images, lr, m)
-            sums += torch.stack([out["loss"], out["loss_mim"], out["loss_con"]]).detach().float()
             pos.micro += 1
+            if out["skipped"]:
+                skipped += 1
+                nonfinite_run += 1
+                log.warning("non-finite loss at step %d (epoch %d, micro-batch %d): step skipped", pos.step, pos.epoch, pos.micro)
+                if nonfinite_run >= cfg.train.max_nonfinite:
+                    path = checkpoint(run_dir / "debug")
+                    raise TrainingError(f"loss non-finite for {nonfinite_run} micro-batches in a row, last at step "
+                                        f"{pos.step}; debug checkpoint: {path}")
+                continue
+            nonfinite_run = 0
+            sums += torch.stack([out["loss"], out["loss_mim"], out["loss_con"]]).detach().float()
             window_micro += 1
-            if pos.micro % accum:
+            if not out["stepped"]:
                 continue
             pos.step += 1
+            pos.wall_s = wall_at_start + time.perf_counter() - session_start
             bar.update(1)
             last = pos.step >= total_steps
             if pos.step % cfg.log.every_steps == 0 or last:
-                loss, mim, con = (mean_across_ranks(sums) / window_micro).tolist()
+                loss, mim, con = (mean_across_ranks(sums) / max(window_micro, 1)).tolist()
                 elapsed = time.perf_counter() - window_start
+                img_per_s = window_micro * batch * world / elapsed
                 record = {
                     "step": pos.step, "epoch": pos.epoch + pos.micro / micro_per_epoch, "loss": loss,
-                    "loss_mim": mim, "loss_con": con, "lr": lr,
-                    "img_per_s": window_micro * batch * world / elapsed, "data_wait_frac": wait / elapsed,
+                    "loss_mim": mim, "loss_con": con, "lr": lr, "img_per_s": img_per_s,
+                    "data_wait_frac": wait / elapsed, "nonfinite_skipped": skipped, "wall_s": pos.wall_s,
                 }
+                if peak:
+                    record["mfu"] = flops * img_per_s / world / peak
                 metrics.log(record)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['img_per_s']:.0f}")
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_per_s:.0f}")
                 sums.zero_()
-                window_start, wait, window_micro = time.perf_counter(), 0.0, 0
-            if cfg.train.ckpt_every_steps and pos.step % cfg.train.ckpt_every_steps == 0 and not last:
+                window_start, wait, window_micro, skipped = time.perf_counter(), 0.0, 0, 0
+            # Every rank must agree on stopping or checkpointing: rank 0's clocks decide, any signal counts.
+            flags = torch.tensor([
+                stop.signal is not None,
+                cfg.train.time_limit_min > 0 and pos.wall_s - wall_at_start >= cfg.train.time_limit_min * 60,
+                cfg.train.ckpt_every_min > 0 and time.perf_counter() - last_ckpt_time >= cfg.train.ckpt_every_min * 60,
+            ], dtype=torch.float32, device=device)
+            if world > 1:
+                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            signalled, out_of_time, ckpt_due = flags.bool().tolist()
+            if signalled or out_of_time:
+                path = checkpoint()
+                reason = f"received {stop.signal or 'a stop signal on another rank'}" if signalled else \
+                    f"time limit of {cfg.train.time_limit_min} min reached"
+                log.info("%s: stopped at step %d, checkpoint %s; continue with --resume", reason, pos.step, path)
+                bar.close()
+                metrics.close()
+                return
+            if (cfg.train.ckpt_every_steps and pos.step % cfg.train.ckpt_every_steps == 0 and not last) or ckpt_due:
                 checkpoint()
+                last_ckpt_time = time.perf_counter()
             if last:
                 done = True
                 break
         if pos.micro >= micro_per_epoch:
             pos.epoch, pos.micro = pos.epoch + 1, 0
+            if cfg.eval.knn_every_epochs and pos.epoch % cfg.eval.knn_every_epochs == 0:
+                from core.knn import knn_accuracy
+
+                accuracy = knn_accuracy(engine.module.encoder, cfg, dist_info)
+                metrics.log({"step": pos.step, "epoch": float(pos.epoch), "wall_s": pos.wall_s, **accuracy})
+                log.info("epoch %d kNN: %s", pos.epoch, ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
         if recon_images is not None:
             with torch.no_grad():
                 mask = recon_masks.online(recon_images.shape[0])
@@ -162,6 +236,7 @@ def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None
             save_recon_grid(recon_images, pred, mask, cfg.model.patch_size, cfg.loss.norm_pix,
                             run_dir / "recon" / f"epoch{pos.epoch:04d}_step{pos.step:08d}.png")
         checkpoint()
+        last_ckpt_time = time.perf_counter()
     bar.close()
     metrics.close()
     log.info("done: %d steps; run folder %s", pos.step, run_dir)
@@ -175,19 +250,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         log.error("config error: %s", err)
         return 2
+    rank = 0
     try:
-        dist_info = init_distributed(cfg.train.device)
-        setup_logging(dist_info.rank)
+        dist_info = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
+        rank = dist_info.rank
+        setup_logging(rank)
         run_dir = Path(args.output_dir or Path("runs") / Path(args.config).stem)
         if dist_info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
         train(cfg, run_dir, args.resume, dist_info)
-    except (DataError, BackendError, ConfigError) as err:
-        log.error("%s", err)
+    except (DataError, BackendError, ConfigError, CheckpointError) as err:
+        log.error("rank %d: %s", rank, err)
         return 2
+    except TrainingError as err:
+        log.error("rank %d: %s", rank, err)
+        return 3
+    except Exception:
+        log.exception("rank %d failed", rank)
+        return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -112,3 +112,27 @@ def test_data_errors_name_the_problem(tmp_path):
         scan_imagefolder(tmp_path)
     with pytest.raises(DataError, match="cannot fill one global batch"):
         batches_per_epoch(10, 2, 8)
+
+
+def test_dali_next_epoch_is_complete_after_an_epoch_cut_short(colour_folder):
+    """A consumer that stops early (grad accumulation) still gets full, fresh epochs after."""
+    from data.dali_loader import DaliLoader
+
+    items = scan_imagefolder(colour_folder)
+    loader = DaliLoader(items, len(items), _cfg("dali"), 16, 0, 2, torch.device("cpu"))
+    assert len(list(loader.epoch(0, 0, 3))) == 3
+    second = [i for b in loader.epoch(1) for i in _ids(b)]
+    assert len(second) == len(set(second)) == 20
+
+
+def test_excluded_files_are_skipped(colour_folder, tmp_path):
+    from data.folder import read_exclusions
+
+    listing = tmp_path / "skip.txt"
+    listing.write_text("# broken\nc0/000.jpg\nc1/004.jpg  # trailing comment\n")
+    exclude = read_exclusions(colour_folder, str(listing))
+    items = scan_imagefolder(colour_folder, exclude)
+    assert len(items) == COUNT - 2
+    assert not {str(colour_folder / "c0/000.jpg"), str(colour_folder / "c1/004.jpg")} & set(items.files)
+    with pytest.raises(DataError, match="does not exist"):
+        read_exclusions(colour_folder, str(tmp_path / "missing.txt"))
