@@ -22,16 +22,16 @@ SCAN_ON_FAILURE = 20_000  # on a decode failure, find the broken files of lists 
 
 
 @pipeline_def(enable_checkpointing=True)
-def _train_pipeline(source, shard_id, num_shards, size, scale, hflip, decode_device, seed):
+def _train_pipeline(source, shard_id, num_shards, size, scale, hflip, decode_device):
     if isinstance(source, ImageList):
         encoded, _ = fn.readers.file(
             files=source.files, labels=source.labels, shard_id=shard_id, num_shards=num_shards,
-            random_shuffle=True, seed=seed, name=READER,
+            random_shuffle=True, name=READER,
         )
     else:  # webdataset tar shards
         encoded = fn.readers.webdataset(
             paths=source, ext=["jpg;jpeg;png"], shard_id=shard_id, num_shards=num_shards,
-            random_shuffle=True, seed=seed, missing_component_behavior="error", name=READER,
+            random_shuffle=True, missing_component_behavior="error", name=READER,
         )
     images = fn.decoders.image_random_crop(
         encoded, device=decode_device, output_type=types.RGB,
@@ -66,7 +66,7 @@ class DaliLoader:
             source = ImageList([source.files[i] for i in perm], [source.labels[i] for i in perm], source.classes)
         self._build_args = dict(
             source=source, shard_id=rank, num_shards=world, size=size, scale=cfg.data.crop_scale,
-            hflip=cfg.data.hflip, decode_device=self.decode, seed=cfg.train.seed + 1,
+            hflip=cfg.data.hflip, decode_device=self.decode, seed=cfg.train.seed + 1 + rank,  # reader and augmentations
             batch_size=self.batch, num_threads=cfg.data.workers,
             device_id=self.device.index if self.device.type == "cuda" else None,
         )

@@ -1,0 +1,211 @@
+"""Training survives preemption, crashes, damaged checkpoints, divergence and bad data.
+
+Each test corrupts or interrupts a real ``launch/pretrain.py`` run (one CPU process unless
+ranks matter) on the embedded data set or on a damaged copy of it that the test makes.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pretrain_runs import PRETRAIN, ROOT, clean_env, free_port, metrics, quiet, run, untimed
+
+from data.folder import scan_imagefolder
+
+pytestmark = pytest.mark.slow
+SHORT = ("train.batch_size=32", "log.every_steps=1", "log.recon_images=0")
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    """Start a run in the background, its output going to ``log`` (a pipe could fill and stall it)."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, PRETRAIN, *args], cwd=ROOT, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"run ended early:\n{log.read_text()[-4000:]}"
+        assert time.time() < deadline, "timed out waiting for the run"
+        time.sleep(0.1)
+
+
+def _latest(run_dir: Path) -> str:
+    path = run_dir / "checkpoints" / "latest"
+    return path.read_text().strip() if path.is_file() else ""
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(embedded_cache, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    proc = _start([*quiet(embedded_cache, *SHORT, "train.max_steps=200"), "--output-dir", str(run_dir)], log)
+    _wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= 3, proc, log)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    out = log.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    step = metrics(run_dir)[-1]["step"]
+    assert f"received SIGTERM: stopped at step {step}, checkpoint" in out
+    assert _latest(run_dir) == f"step{step:08d}" and step < 200
+    assert (run_dir / "checkpoints" / f"step{step:08d}" / "manifest.json").is_file()
+
+
+def test_time_based_checkpoints_and_time_limit(embedded_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run([sys.executable, PRETRAIN, *quiet(embedded_cache, *SHORT, "train.max_steps=500", "train.keep_checkpoints=50",
+                                                 "train.ckpt_every_min=0.02", "train.time_limit_min=0.25"),
+                "--output-dir", str(run_dir)])
+    assert "time limit of 0.25 min reached" in proc.stderr
+    steps = sorted(int(p.name[4:]) for p in (run_dir / "checkpoints").glob("step*"))
+    assert len(steps) >= 3, "a checkpoint about every 1.2 s over 15 s"
+    assert steps[-1] == metrics(run_dir)[-1]["step"] < 500
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_loss_stream(embedded_cache, tmp_path):
+    """fp32 on one process: bitwise equal losses, lr and epoch after the resume point."""
+    args = quiet(embedded_cache, *SHORT, "train.max_steps=16", "train.ckpt_every_steps=4")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run([sys.executable, PRETRAIN, *args, "--output-dir", str(full)])
+    proc = _start([*args, "--output-dir", str(killed)], tmp_path / "log")
+    _wait_for(lambda: _latest(killed) >= "step00000008", proc, tmp_path / "log")
+    proc.kill()  # SIGKILL: no chance to save anything more
+    proc.wait()
+    logged_before = metrics(killed)[-1]["step"]
+    resumed = run([sys.executable, PRETRAIN, *args, "--output-dir", str(killed), "--resume"])
+    start = int(_latest_resumed(resumed.stderr))
+    assert start >= 8 and logged_before >= start
+    assert untimed(metrics(killed)) == untimed(metrics(full)), "steps logged after the checkpoint were replaced, not duplicated"
+
+
+def _latest_resumed(log: str) -> str:
+    line = next(line for line in log.splitlines() if "resumed from" in line)
+    return line.rsplit("step", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def finished_run(embedded_cache, tmp_path_factory):
+    """A run with checkpoints at steps 4 and 8."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    args = quiet(embedded_cache, *SHORT, "train.max_steps=8", "train.ckpt_every_steps=4")
+    run([sys.executable, PRETRAIN, *args, "--output-dir", str(run_dir)])
+    return run_dir, args
+
+
+def _copy(finished_run, tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no-manifest"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(finished_run, tmp_path, damage):
+    run_dir = _copy(finished_run, tmp_path)
+    step8 = run_dir / "checkpoints" / "step00000008"
+    if damage == "truncated":
+        model = step8 / "mp_rank_00_model_states.pt"
+        model.write_bytes(model.read_bytes()[:1000])
+    else:
+        (step8 / "manifest.json").unlink()  # the save was interrupted before it finished
+    proc = run([sys.executable, PRETRAIN, *finished_run[1], "--output-dir", str(run_dir), "--resume"])
+    assert f"skipping checkpoint {step8}" in proc.stderr
+    assert "resumed from" in proc.stderr and "step00000004" in proc.stderr
+    assert metrics(run_dir)[-1]["step"] == 8
+
+
+def test_checkpoint_of_another_model_is_refused(finished_run, tmp_path):
+    run_dir = _copy(finished_run, tmp_path)
+    proc = run([sys.executable, PRETRAIN, *finished_run[1], "--set", "model.size=tiny", "--output-dir", str(run_dir),
+                "--resume"], expect=2)
+    assert "holds another model (size: checkpoint 'micro' vs this run 'tiny')" in proc.stderr
+
+
+def test_diverging_run_skips_counts_then_stops_with_a_debug_checkpoint(embedded_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run([sys.executable, PRETRAIN, *quiet(embedded_cache, *SHORT, "optim.lr=1.0e+12", "optim.clip_grad=0.0",
+                                                 "optim.warmup_epochs=0", "train.max_nonfinite=3", "train.max_steps=200"),
+                "--output-dir", str(run_dir)], expect=3)
+    assert "non-finite loss at step" in proc.stderr
+    assert "loss non-finite for 3 micro-batches in a row, last at step" in proc.stderr
+    assert list((run_dir / "debug").glob("step*/manifest.json")), "debug checkpoint written"
+    assert not (run_dir / "checkpoints" / "latest").exists(), "nothing non-finite became a resumable checkpoint"
+
+
+# ---- data faults ----
+
+def _damaged_copy(embedded_cache: Path, dest: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of the embedded set with one file of each kind of fault; returns kind -> relative path."""
+    src = next(embedded_cache.glob("embedded-*"))
+    shutil.copytree(src, dest)
+    files = sorted((dest / "train").rglob("*.jpg"))
+    faults = {"corrupt": files[3], "empty": files[250], "not-an-image": files[500],
+              "grayscale": files[750], "cmyk": files[1000], "not-jpeg": files[1250]}
+    faults["corrupt"].write_bytes(faults["corrupt"].read_bytes()[:400])
+    faults["empty"].write_bytes(b"")
+    faults["not-an-image"].write_text("this is not an image\n")
+    Image.open(faults["grayscale"]).convert("L").save(faults["grayscale"], "JPEG")
+    Image.open(faults["cmyk"]).convert("CMYK").save(faults["cmyk"], "JPEG")
+    Image.open(faults["not-jpeg"]).save(faults["not-jpeg"], "PNG")
+    return dest, {k: str(p.relative_to(dest)) for k, p in faults.items()}
+
+
+def test_verify_data_lists_broken_files_and_loaders_skip_them(embedded_cache, tmp_path):
+    root, faults = _damaged_copy(embedded_cache, tmp_path / "data")
+    out = run([sys.executable, "launch/verify_data.py", str(root), "--workers", "2"]).stdout
+    for kind, rel in faults.items():
+        assert f"{kind:12s} {rel}" in out
+    excluded = [line for line in (root / "symmim_exclude.txt").read_text().splitlines() if not line.startswith("#")]
+    assert sorted(excluded) == sorted(faults[k] for k in ("corrupt", "empty", "not-an-image"))
+    proc = run([sys.executable, PRETRAIN, *quiet(embedded_cache, *SHORT, f"data.root={root}", "train.max_steps=70"),
+                "--output-dir", str(tmp_path / "run")])  # 2 epochs over every remaining file
+    assert "data: 3 files excluded by" in proc.stderr
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_without_a_scan_a_decode_failure_names_the_file(embedded_cache, tmp_path, loader):
+    root, faults = _damaged_copy(embedded_cache, tmp_path / "data")
+    proc = run([sys.executable, PRETRAIN, *quiet(embedded_cache, *SHORT, f"data.root={root}", f"data.loader={loader}",
+                                                 "train.max_steps=70", "data.workers=1"),
+                "--output-dir", str(tmp_path / "run")], expect=2)
+    named = [rel for kind, rel in faults.items() if kind in ("corrupt", "empty", "not-an-image") and rel in proc.stderr]
+    assert named, proc.stderr[-2000:]
+    assert "cannot decode" in proc.stderr
+
+
+def test_data_set_smaller_than_one_global_batch_is_refused(embedded_cache, tmp_path):
+    proc = run([sys.executable, PRETRAIN, *quiet(embedded_cache, "train.batch_size=4096"), "--output-dir", str(tmp_path / "r")],
+               expect=2)
+    assert "2000 samples cannot fill one global batch of 1 x 4096" in proc.stderr
+
+
+def test_a_dying_rank_ends_the_job_quickly_and_is_named(embedded_cache, tmp_path):
+    """Rank 1 meets a corrupt file in its own shard; the job exits non-zero, no hang."""
+    launcher = shutil.which("deepspeed") or pytest.skip("deepspeed launcher not on PATH")
+    src = next(embedded_cache.glob("embedded-*"))
+    root = tmp_path / "data"
+    shutil.copytree(src, root)
+    items = scan_imagefolder(root / "train")
+    order = np.random.default_rng(0).permutation(len(items))  # DaliLoader's shuffle (train.seed 0)
+    victim = Path(items.files[order[len(items) * 3 // 4]])  # inside rank 1's half of the list
+    victim.write_bytes(victim.read_bytes()[:300])
+    t0 = time.time()
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), PRETRAIN,
+                           *quiet(embedded_cache, *SHORT, f"data.root={root}", "train.dist_timeout_min=1.0",
+                                  "train.max_steps=100"), "--output-dir", str(tmp_path / "run")],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert time.time() - t0 < 240
+    assert f"[rank1] symmim: rank 1: cannot decode 1 file(s): {victim}" in log
+
+
+def test_manifest_records_world_size_and_architecture(finished_run):
+    manifest = json.loads((finished_run[0] / "checkpoints" / "step00000008" / "manifest.json").read_text())
+    assert manifest["world_size"] == 1 and manifest["arch"]["size"] == "micro" and manifest["arch"]["contrastive"]
+    assert "rank0_state.pt" in manifest["files"] and "mp_rank_00_model_states.pt" in manifest["files"]
