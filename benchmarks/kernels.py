@@ -1,0 +1,252 @@
+"""Kernel benchmark: every Triton kernel against its eager reference, forward and forward+backward.
+
+ViT-B (D 768, 12 heads) and ViT-L (D 1024, 16 heads) shapes at 224 px, patch 16, head dim 64:
+attention at 50, 99 and 197 tokens (49 / 98 / 196 visible patches + CLS) against the eager
+reference, torch SDPA (flash backend where it runs) and xformers (when importable);
+patch-gather-embed with a symmetric cell-1 mask (98 visible, arithmetic path) and a random
+75% mask (49 visible, index path); the masked norm-pix loss; LayerNorm over ``[B*197, D]``.
+Forward is timed as in training (autograd graph recorded); forward+backward adds
+``torch.autograd.grad`` of the output. ``--quick`` runs tiny fp32 shapes, for the tests and
+the Triton interpreter on CPU.
+
+    python benchmarks/kernels.py --json benchmarks/results/h100_kernels.json
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's `kernels`, not this file
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the Triton kernels are defined (import)
+
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from benchmarks.common import base_parser, environment, print_table, time_ms, write_results  # noqa: E402
+from core.distributed import pick_device  # noqa: E402
+from core.masking import random_mask, symmetric_mask  # noqa: E402
+from core.train_step import DTYPES  # noqa: E402
+from kernels import dispatch  # noqa: E402
+
+MODELS = {"ViT-B": (768, 12), "ViT-L": (1024, 16)}  # width, heads (head dim 64)
+QUICK_MODELS = {"tiny": (64, 2)}
+BWD_FLOPS = 2.5  # attention backward / forward FLOPs: five GEMMs (QK^T recomputed) against two
+
+
+@dataclass
+class Case:
+    """One kernel at one shape: the forward of each implementation on shared inputs."""
+
+    kernel: str
+    model: str
+    shape: str
+    impls: dict[str, Callable[[], torch.Tensor]]  # "eager" first, "triton" last
+    inputs: list[torch.Tensor]  # what the backward differentiates
+    grad_out: torch.Tensor | None  # None for a scalar loss
+    flops: tuple[float, float] | None = None  # fwd, fwd+bwd
+    bytes: tuple[float, float] | None = None  # fwd, fwd+bwd (compulsory traffic of the unfused op)
+
+
+def _nbytes(*tensors: torch.Tensor) -> float:
+    return float(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def _leaf(shape, dtype, device, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(shape, device=device) * scale).to(dtype).requires_grad_()
+
+
+def _eager_and_triton(op: Callable, *args) -> dict[str, Callable[[], torch.Tensor]]:
+    """``op(*args, backend)`` through :mod:`kernels.dispatch` for the eager reference and Triton."""
+    return {"eager": partial(op, *args, "torch"), "triton": partial(op, *args, "triton")}
+
+
+def attention_cases(model: str, width: int, heads: int, batch: int, tokens: list[int], dtype, device,
+                    notes: list[str]) -> list[Case]:
+    """Attention ``[B, H, N, D/H]`` at each token count: eager, SDPA, xformers, Triton."""
+    cases, d = [], width // heads
+    for n in tokens:
+        q, k, v = (_leaf((batch, heads, n, d), dtype, device) for _ in range(3))  # [B, H, N, d]
+        impls = {"eager": partial(dispatch.attention, q, k, v, "torch"), "sdpa": _sdpa(q, k, v, notes)}
+        if importlib.util.find_spec("xformers") is not None:
+            xformers = partial(dispatch.attention, q, k, v, "xformers")
+            if (err := _fails(xformers)) is None:
+                impls["xformers"] = xformers
+            else:
+                _note(notes, f"xformers is importable but does not run here: {err}")
+        impls["triton"] = partial(dispatch.attention, q, k, v, "triton")
+        fwd = 4.0 * batch * heads * n * n * d
+        cases.append(Case("attention", model, f"N={n}", impls, [q, k, v], torch.randn_like(q),
+                          flops=(fwd, fwd * (1 + BWD_FLOPS))))
+    if importlib.util.find_spec("xformers") is None:
+        _note(notes, "xformers is not importable: no xformers column")
+    return cases
+
+
+def _sdpa(q, k, v, notes: list[str]) -> Callable[[], torch.Tensor]:
+    """Torch SDPA pinned to the flash backend when it runs on these inputs, else SDPA's own choice."""
+    def flash():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    if (err := _fails(flash)) is None:
+        _note(notes, "sdpa = torch SDPA, flash-attention backend")
+        return flash
+    _note(notes, f"sdpa = torch SDPA, default backend: flash unavailable here ({err})")
+    return partial(dispatch.attention, q, k, v, "sdpa")
+
+
+def _fails(fn: Callable[[], torch.Tensor]) -> str | None:
+    """None when ``fn()`` runs, else the first line of its error (probe for optional backends)."""
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # SDPA warns why a backend is unavailable, then raises
+            fn()
+    except Exception as err:  # noqa: BLE001 - any failure means: not this backend
+        return (str(err).splitlines() or [type(err).__name__])[0]
+    return None
+
+
+def patch_embed_cases(model: str, width: int, batch: int, img: int, patch: int, dtype, device) -> list[Case]:
+    """Patch-gather-embed of ``[B, 3, img, img]`` under a symmetric and a random 75% mask."""
+    grid = (img // patch, img // patch)
+    images = torch.randn(batch, 3, img, img, device=device).to(dtype)  # [B, 3, H, W]
+    weight = _leaf((width, 3, patch, patch), dtype, device, 0.02)  # [D, 3, p, p]
+    bias, pos = _leaf((width,), dtype, device, 0.02), _leaf((grid[0] * grid[1], width), dtype, device, 0.02)
+    masks = {"symmetric cell 1": symmetric_mask(batch, grid, 1, "random", device),
+             "random 75%": random_mask(batch, grid, 0.75, device)}
+    cases = []
+    for name, mask in masks.items():
+        fwd = 2.0 * batch * mask.num_visible * 3 * patch * patch * width  # one GEMM; backward: dW only
+        impls = _eager_and_triton(dispatch.patch_embed, images, weight, bias, pos, mask)
+        cases.append(Case("patch-embed", model, f"{name} ({mask.num_visible} vis)", impls, [weight, bias, pos],
+                          torch.randn(batch, mask.num_visible, width, device=device, dtype=dtype), flops=(fwd, 2 * fwd)))
+    return cases
+
+
+def loss_case(batch: int, img: int, patch: int, dtype, device) -> Case:
+    """Masked norm-pix loss: pred ``[B, N, 3*p*p]`` against fp32 images, symmetric mask (half masked)."""
+    grid = (img // patch, img // patch)
+    n = grid[0] * grid[1]
+    pred = _leaf((batch, n, 3 * patch * patch), dtype, device)  # [B, N, 3*p*p]
+    images = torch.randn(batch, 3, img, img, device=device)  # [B, 3, H, W] fp32, as the model passes them
+    mask = symmetric_mask(batch, grid, 1, "random", device).mask  # [B, N] True = masked
+    impls = _eager_and_triton(dispatch.norm_pix_loss, pred, images, mask, patch, True)
+    io = _nbytes(pred, images)
+    return Case("norm-pix loss", "any", f"pred {list(pred.shape)}, {int(mask[0].sum())} masked", impls, [pred], None,
+                bytes=(io, 2 * io + _nbytes(pred)))
+
+
+def layer_norm_case(model: str, width: int, rows: int, dtype, device) -> Case:
+    """LayerNorm over ``[rows, D]``."""
+    x = _leaf((rows, width), dtype, device)  # [B*N, D]
+    w, b = _leaf((width,), dtype, device), _leaf((width,), dtype, device)
+    impls = _eager_and_triton(dispatch.layer_norm, x, w, b, 1e-6)
+    io = _nbytes(x)  # forward reads x, writes y; backward reads x and dy, writes dx
+    return Case("layernorm", model, f"[{rows}, {width}]", impls, [x, w, b], torch.randn_like(x), bytes=(2 * io, 5 * io))
+
+
+def run_case(case: Case, device: torch.device, warmup: int, iters: int) -> list[dict]:
+    """Rows for ``fwd`` and ``fwd+bwd``: ms and throughput of each implementation, Triton's speedups."""
+    rows = []
+    for i, pass_name in enumerate(("fwd", "fwd+bwd")):
+        ms = {name: time_ms(fn if i == 0 else partial(_backward, case, fn), device, warmup, iters)
+              for name, fn in case.impls.items()}
+        row = {"kernel": case.kernel, "model": case.model, "shape": case.shape, "pass": pass_name}
+        row |= {f"{name}_ms": t for name, t in ms.items()}
+        if case.flops:
+            row |= {f"{name}_TFLOP/s": case.flops[i] / t / 1e9 for name, t in ms.items()}
+        if case.bytes:
+            row |= {f"{name}_GB/s": case.bytes[i] / t / 1e6 for name, t in ms.items()}
+        rows.append(row | {f"triton_x_{name}": t / ms["triton"] for name, t in ms.items() if name != "triton"})
+    return rows
+
+
+def _backward(case: Case, forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Forward, then the gradients of ``case.inputs`` (nothing accumulates in ``.grad``)."""
+    return torch.autograd.grad(forward(), case.inputs, case.grad_out)
+
+
+def mark_targets(rows: list[dict], model: str, attention_shapes: list[str]) -> list[dict]:
+    """DESIGN.md kernel targets (fwd+bwd at ViT-B shapes; attention at half and all patches visible),
+    marked met/missed in the rows they judge."""
+    specs = [("patch-embed", None, "triton_x_eager", 2.0, "eager"), ("norm-pix loss", None, "triton_x_eager", 3.0, "eager")]
+    specs += [("attention", shape, "triton_x_sdpa", 1.0, "torch SDPA") for shape in attention_shapes]
+    targets = []
+    for kernel, shape, key, need, versus in specs:
+        for row in rows:
+            if (row["kernel"] == kernel and row["pass"] == "fwd+bwd" and row["model"] in (model, "any")
+                    and shape in (None, row["shape"])):
+                met = row[key] >= need
+                row["target"] = f"{'met' if met else 'MISSED'} (>= {need:g}x)"
+                targets.append({"target": f"{kernel} {row['shape']} fwd+bwd >= {need:g}x {versus}", "model": model,
+                                "measured": row[key], "met": met})
+    return targets
+
+
+def _note(notes: list[str], text: str) -> None:
+    if text not in notes:
+        notes.append(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", choices=list(DTYPES), help="default bf16 (fp32 with --quick)")
+    p.add_argument("--batch", type=int, help="default 64 (2 with --quick)")
+    p.add_argument("--iters", type=int, default=20, help="timed calls per measurement (median)")
+    p.add_argument("--quick", action="store_true", help="tiny fp32 shapes: 32 px images, patch 8, D 64, 2 heads")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    dtype_name = args.dtype or ("fp32" if args.quick else "bf16")
+    if device.type == "cpu" and dtype_name == "bf16":
+        p.error("bf16 on CPU runs the Triton kernels in the interpreter, which computes bf16 wrongly; "
+                "use a CUDA GPU, --quick, or --dtype fp32|fp16")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("on CPU the Triton kernels need the interpreter: start with TRITON_INTERPRET=1")
+    dtype = DTYPES[dtype_name]
+    batch = args.batch or (2 if args.quick else 64)
+    models, img, patch = (QUICK_MODELS, 32, 8) if args.quick else (MODELS, 224, 16)
+    warmup, iters = (1, 3) if args.quick else (5, args.iters)
+    headline = next(iter(models))  # DESIGN.md states the targets at ViT-B shapes
+    n = (img // patch) ** 2
+    tokens = [n // 4 + 1, n // 2 + 1, n + 1]  # 25%, 50% and all patches visible, + CLS
+    torch.manual_seed(0)
+
+    notes = [f"{dtype_name}, batch {batch}, {img} px, patch {patch}, models (width, heads) {models}"]
+    cases = []
+    for model, (width, heads) in models.items():
+        cases += attention_cases(model, width, heads, batch, tokens, dtype, device, notes)
+        cases += patch_embed_cases(model, width, batch, img, patch, dtype, device)
+        cases.append(layer_norm_case(model, width, batch * (n + 1), dtype, device))
+    cases.append(loss_case(batch, img, patch, dtype, device))
+    if args.quick:
+        notes.append("quick: shapes too small for performance claims; the targets are marked only as a check")
+
+    env = environment(device)
+    rows = [row for case in cases for row in run_case(case, device, warmup, iters)]
+    targets = mark_targets(rows, headline, [f"N={t}" for t in tokens[1:]])
+    for kernel in dict.fromkeys(r["kernel"] for r in rows):
+        sub = [r for r in rows if r["kernel"] == kernel]
+        print_table(f"{kernel} ({dtype_name})", env, sub, list(dict.fromkeys(c for r in sub for c in r if c != "kernel")))
+    for note in notes:
+        print(f"note: {note}")
+    record = {"benchmark": "kernels", "env": env, "config": {"dtype": dtype_name, "batch": batch, "img": img,
+              "patch": patch, "quick": args.quick}, "rows": rows, "targets": targets, "notes": notes}
+    bars = [("eager (= 1)", 1.0)] + [(f"{r['kernel'].split()[0]} {r['shape'].split(' (')[0]} / {v}", r[f"triton_x_{v}"])
+                               for r in rows if r["model"] in (headline, "any") and r["pass"] == "fwd+bwd"
+                               for v in ("eager", "sdpa") if f"triton_x_{v}" in r]
+    write_results(args.json, record, bars, ylabel=f"Triton fwd+bwd speedup ({headline}, {dtype_name})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

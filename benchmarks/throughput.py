@@ -1,0 +1,153 @@
+"""Training-step throughput: SymMIM vs random-75% masking, optimized vs reference system.
+
+    python benchmarks/throughput.py --config configs/vit_b16_symmim.yaml --batch 64 --json out.json
+    python benchmarks/throughput.py --quick            # tiny shapes on CPU: checks the script
+
+Four runs side by side, each the real training step (``core.train_step``, DeepSpeed engine):
+``symmim`` and ``random75`` (MAE: random 75% mask, no contrastive branch), each in the
+``optimized`` system (kernels.backend=auto: Triton on CUDA; DALI or device-resident input)
+and the ``reference`` one (torch backend for every op, eager attention, PyTorch loader).
+Reports img/s, the time split (data, momentum forward, forward, backward, optimizer, EMA),
+analytic FLOPs per image and MFU, peak memory, and the projected epoch time.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.common import base_parser, environment, print_table, write_results  # noqa: E402
+from core.config import load_config  # noqa: E402
+from core.distributed import init_distributed, pick_device  # noqa: E402
+from core.flops import peak_flops, train_flops_per_image  # noqa: E402
+from core.train_step import PhaseTimer, build_training  # noqa: E402
+
+VARIANTS = {"symmim": [], "random75": ["mask.strategy=random", "mask.ratio=0.75", "loss.con_weight=0"]}
+SYSTEMS = {
+    "optimized": ["kernels.backend=auto", "kernels.attention=auto"],
+    "reference": ["kernels.backend=torch", "kernels.attention=torch", "data.loader=torch"],
+}
+PHASES = ("data", "momentum_forward", "forward", "backward", "optimizer", "ema")
+IMAGENET_TRAIN = 1_281_167
+
+
+def _batches(cfg, dist, synthetic: bool):
+    """Endless training batches: one device-resident random batch, or the configured loader."""
+    if synthetic:
+        images = torch.randn(cfg.train.batch_size, 3, cfg.model.img_size, cfg.model.img_size, device=dist.device)
+        while True:
+            yield images
+    from data.loader import build_train_loader
+
+    loader = build_train_loader(cfg, dist.rank, dist.world, dist.device)
+    epoch = 0
+    while True:
+        yield from loader.epoch(epoch)
+        epoch += 1
+
+
+def measure(cfg, dist, steps: int, warmup: int, synthetic: bool) -> dict:
+    """Throughput of the real step, then a separately timed pass for the phase split."""
+    tr = build_training(cfg, dist)
+    batches = _batches(cfg, dist, synthetic)
+    device = dist.device
+    for _ in range(warmup):
+        tr.step(next(batches), 1e-4, 0.99)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = tr.step(next(batches), 1e-4, 0.99)
+    float(out["loss"].detach())  # wait for the device
+    step_s = (time.perf_counter() - t0) / steps
+    timer = PhaseTimer(device)
+    split_steps = max(1, steps // 2)
+    for _ in range(split_steps):
+        timer.start()
+        images = next(batches)
+        timer.mark("data")
+        tr.step(images, 1e-4, 0.99, timer)
+    total = sum(timer.totals.values())
+    batch = cfg.train.batch_size
+    row = {
+        "img_per_s": batch / step_s,
+        "step_ms": step_s * 1e3,
+        "gflop_per_img": train_flops_per_image(cfg) / 1e9,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "backends": tr.backends.describe(),
+        "split": {p: timer.totals.get(p, 0.0) / total for p in PHASES},
+    }
+    del tr
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/vit_b16_symmim.yaml", help="preset of the symmim run (random75 derives from it)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every run")
+    p.add_argument("--batch", type=int, help="micro batch (default: the preset's)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--input", choices=["synthetic", "data"], default="synthetic", help="device-resident batches or the data loader")
+    p.add_argument("--dataset-size", type=int, default=IMAGENET_TRAIN, help="images per epoch for the projection")
+    p.add_argument("--quick", action="store_true", help="tiny_cpu shapes, 2 steps: checks the script on CPU")
+    args = p.parse_args()
+    device = pick_device(args.device)
+    overrides = [f"train.device={device.type}", *args.set]
+    if args.quick:
+        args.config, args.steps, args.warmup, args.batch = "configs/tiny_cpu.yaml", 2, 1, args.batch or 8
+        overrides += ["train.precision=fp32"]
+    if args.batch:
+        overrides.append(f"train.batch_size={args.batch}")
+    dist = init_distributed(device.type)
+    env = environment(dist.device)
+    peak = peak_flops(env["device"])
+    rows = []
+    for system, sys_sets in SYSTEMS.items():
+        for variant, var_sets in VARIANTS.items():
+            cfg = load_config(args.config, overrides + var_sets + sys_sets)
+            print(f"[{variant} / {system}] {cfg.model.size} {cfg.model.img_size}px batch {cfg.train.batch_size} "
+                  f"{cfg.train.precision}, {args.input} input ...", flush=True)
+            row = {"variant": variant, "system": system, **measure(cfg, dist, args.steps, args.warmup, args.input == "synthetic")}
+            row["tflops"] = row["gflop_per_img"] * row["img_per_s"] / 1e3
+            row["mfu"] = row["tflops"] * 1e12 / peak if peak else None
+            row["epoch_h"] = args.dataset_size / row["img_per_s"] / 3600
+            rows.append(row)
+    by = {(r["variant"], r["system"]): r for r in rows}
+    ratios = {
+        "symmim_opt_vs_random75_ref_epoch": by["random75", "reference"]["epoch_h"] / by["symmim", "optimized"]["epoch_h"],
+        "symmim_opt_vs_ref_speedup": by["symmim", "optimized"]["img_per_s"] / by["symmim", "reference"]["img_per_s"],
+        "random75_opt_vs_ref_speedup": by["random75", "optimized"]["img_per_s"] / by["random75", "reference"]["img_per_s"],
+        "symmim_vs_random75_flops": by["symmim", "optimized"]["gflop_per_img"] / by["random75", "optimized"]["gflop_per_img"],
+    }
+    mfu = by["symmim", "optimized"]["mfu"]
+    targets = {
+        "symmim_epoch_not_slower_than_reference_mae75": ratios["symmim_opt_vs_random75_ref_epoch"] >= 1.0,
+        "symmim_mfu_at_least_45pct": None if mfu is None else mfu >= 0.45,
+    }
+    table = [{**r, **{f"{k}%": round(100 * v, 1) for k, v in r["split"].items()}} for r in rows]
+    print_table(f"training-step throughput ({args.input} input, {Path(args.config).name})", env, table,
+                ["variant", "system", "img_per_s", "step_ms", "gflop_per_img", "tflops", "mfu", "epoch_h", "peak_mem_gib"]
+                + [f"{p}%" for p in PHASES])
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
+    for k, v in targets.items():
+        print(f"target {k}: {'met' if v else ('n/a' if v is None else 'MISSED')}")
+    record = {"benchmark": "throughput", "env": env, "config": args.config, "overrides": overrides, "input": args.input,
+              "steps": args.steps, "rows": rows, "ratios": ratios, "targets": targets}
+    write_results(args.json, record, [(f"{r['variant']}/{r['system']}", r["img_per_s"]) for r in rows], "images / s")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    main()
