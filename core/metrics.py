@@ -5,6 +5,13 @@ import json
 from pathlib import Path
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past ``step``: a crashed session may have logged steps it never saved."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(lines))
+
+
 class MetricsLog:
     """Appends to ``run_dir/metrics.jsonl`` (and TensorBoard under ``run_dir/tb``); rank 0 only."""
 

@@ -90,19 +90,34 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block."""
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a sample's residual branch with probability ``rate``."""
 
-    def __init__(self, dim: int, heads: int, backends: Backends, mlp_ratio: float = 4.0):
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1 - self.rate)  # [B, 1, 1]
+        return x * keep / (1 - self.rate)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, optionally with drop path on both residual branches."""
+
+    def __init__(self, dim: int, heads: int, backends: Backends, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = LayerNorm(dim, backends)
         self.attn = Attention(dim, heads, backends)
         self.norm2 = LayerNorm(dim, backends)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class PatchEmbed(nn.Module):
@@ -121,9 +136,13 @@ def _init_weights(module: nn.Module) -> None:
 
 
 class ViTEncoder(nn.Module):
-    """ViT that embeds and encodes only the visible patches of each image (plus CLS)."""
+    """ViT that embeds and encodes only the visible patches of each image (plus CLS).
 
-    def __init__(self, size: str, img_size: int, patch: int, backends: Backends):
+    ``drop_path`` is the stochastic-depth rate of the last block, rising linearly from 0 at
+    the first (MAE / timm fine-tuning); 0 for pre-training.
+    """
+
+    def __init__(self, size: str, img_size: int, patch: int, backends: Backends, drop_path: float = 0.0):
         super().__init__()
         s = VIT_SIZES[size]
         self.dim, self.patch = s.dim, patch
@@ -132,7 +151,8 @@ class ViTEncoder(nn.Module):
         self.patch_embed = PatchEmbed(patch, s.dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, s.dim))
         self.register_buffer("pos_embed", sincos_pos_embed(s.dim, self.grid), persistent=True)  # [1, 1+N, D]
-        self.blocks = nn.ModuleList(Block(s.dim, s.heads, backends) for _ in range(s.depth))
+        rates = [drop_path * i / max(s.depth - 1, 1) for i in range(s.depth)]  # linear over depth
+        self.blocks = nn.ModuleList(Block(s.dim, s.heads, backends, drop_path=r) for r in rates)
         self.norm = LayerNorm(s.dim, backends)
         _init_weights(self)
         nn.init.normal_(self.cls_token, std=0.02)
