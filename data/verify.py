@@ -6,6 +6,7 @@ loaders honour; files the pipeline converts (grayscale, CMYK, PNG named .jpg) ar
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ def verify_files(paths: list[str], workers: int = os.cpu_count() or 1, progress:
     """Findings for ``paths``, checked in ``workers`` processes, in input order."""
     from tqdm import tqdm
 
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # spawn, not fork: this may run inside a training process full of threads (DALI, gloo).
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = pool.map(check_image, paths, chunksize=64)
         return [f for f in tqdm(results, total=len(paths), disable=not progress, unit="file") if f is not None]

@@ -11,12 +11,11 @@ reconstruction picture under ``recon/``.
 from __future__ import annotations
 
 import argparse
-import json
+import faulthandler
 import logging
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
@@ -27,7 +26,7 @@ from core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  #
 from core.config import Config, ConfigError, load_config, save_config  # noqa: E402
 from core.distributed import DistInfo, init_distributed, mean_across_ranks  # noqa: E402
 from core.masking import MaskGenerator  # noqa: E402
-from core.metrics import MetricsLog  # noqa: E402
+from core.metrics import MetricsLog, truncate_metrics  # noqa: E402
 from core.recon import save_recon_grid  # noqa: E402
 from core.schedules import lr_at, momentum_at  # noqa: E402
 from core.flops import peak_flops, train_flops_per_image  # noqa: E402
@@ -36,28 +35,13 @@ from data.folder import DataError  # noqa: E402
 from data.loader import build_train_loader, data_root  # noqa: E402
 from data.torch_loader import load_eval_images  # noqa: E402
 from kernels.dispatch import BackendError  # noqa: E402
+from launch.common import Position, run_parser, setup_logging  # noqa: E402
 
 log = logging.getLogger("symmim")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="SymMIM pre-training")
-    p.add_argument("--config", required=True, help="YAML preset, e.g. configs/tiny_cpu.yaml")
-    p.add_argument("--output-dir", help="run folder (default runs/<config name>)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    return p.parse_args(argv)
-
-
-@dataclass
-class Position:
-    """Where training stands; saved with every checkpoint."""
-
-    epoch: int = 0
-    micro: int = 0  # micro-batches consumed in this epoch (this rank)
-    step: int = 0  # optimizer steps
-    wall_s: float = 0.0  # training seconds, summed over resumed sessions
+    return run_parser("SymMIM pre-training", "configs/tiny_cpu.yaml").parse_args(argv)
 
 
 class TrainingError(RuntimeError):
@@ -74,20 +58,6 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         self.signal = signal.Signals(signum).name
-
-
-def setup_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S", force=True,
-    )
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past ``step``: a crashed session may have logged steps it never saved."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(lines))
 
 
 def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None:
@@ -133,7 +103,7 @@ def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None
             loader.load_state_dict(own["loader"])
             torch.set_rng_state(own["torch_rng"])
             if rank == 0:
-                _truncate_metrics(run_dir / "metrics.jsonl", pos.step)
+                truncate_metrics(run_dir / "metrics.jsonl", pos.step)
 
     def checkpoint(directory: Path = ckpt_dir) -> Path:
         client = {"position": vars(pos).copy(), "momentum": momentum.state_dict() if momentum else None}
@@ -141,6 +111,16 @@ def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None
         path = save_checkpoint(engine, directory, pos.step, client, own, arch, cfg.train.keep_checkpoints)
         log.info("checkpoint saved: %s", path)
         return path
+
+    def evaluate_knn() -> float:
+        """Log kNN accuracy of the current encoder; returns the seconds it took."""
+        from core.knn import knn_accuracy
+
+        t0 = time.perf_counter()
+        accuracy = knn_accuracy(engine.module.encoder, cfg, dist_info)
+        metrics.log({"step": pos.step, "epoch": pos.epoch + pos.micro / micro_per_epoch, "wall_s": pos.wall_s, **accuracy})
+        log.info("step %d kNN: %s", pos.step, ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
+        return time.perf_counter() - t0
 
     recon_images = None
     if rank == 0 and cfg.log.recon_images:
@@ -208,6 +188,8 @@ def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None
                 torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
             signalled, out_of_time, ckpt_due = flags.bool().tolist()
             if signalled or out_of_time:
+                if out_of_time and cfg.eval.knn_every_epochs:
+                    evaluate_knn()  # a budgeted run ends with an accuracy point
                 path = checkpoint()
                 reason = f"received {stop.signal or 'a stop signal on another rank'}" if signalled else \
                     f"time limit of {cfg.train.time_limit_min} min reached"
@@ -224,11 +206,7 @@ def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None
         if pos.micro >= micro_per_epoch:
             pos.epoch, pos.micro = pos.epoch + 1, 0
             if cfg.eval.knn_every_epochs and pos.epoch % cfg.eval.knn_every_epochs == 0:
-                from core.knn import knn_accuracy
-
-                accuracy = knn_accuracy(engine.module.encoder, cfg, dist_info)
-                metrics.log({"step": pos.step, "epoch": float(pos.epoch), "wall_s": pos.wall_s, **accuracy})
-                log.info("epoch %d kNN: %s", pos.epoch, ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
+                session_start += evaluate_knn()  # wall_s counts training, not evaluation
         if recon_images is not None:
             with torch.no_grad():
                 mask = recon_masks.online(recon_images.shape[0])
@@ -244,6 +222,7 @@ def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    faulthandler.enable()  # a crash in native code (DALI, NCCL) still leaves a Python traceback
     setup_logging(0)
     try:
         cfg = load_config(args.config, args.set)

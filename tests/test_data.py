@@ -5,7 +5,6 @@ still tells which file a batch row came from.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

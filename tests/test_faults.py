@@ -202,7 +202,11 @@ def test_a_dying_rank_ends_the_job_quickly_and_is_named(embedded_cache, tmp_path
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert time.time() - t0 < 240
-    assert f"[rank1] symmim: rank 1: cannot decode 1 file(s): {victim}" in log
+    # Rank 1 names the file, unless DALI 2.4 segfaults after its decode error (it sometimes
+    # does); then the launcher's line names rank 1 and its exit code.
+    named = f"[rank1] symmim: rank 1: cannot decode 1 file(s): {victim}" in log
+    launcher = any("--local_rank=1" in line and "exits with return code" in line for line in log.splitlines())
+    assert named or launcher, log[-5000:]
 
 
 def test_manifest_records_world_size_and_architecture(finished_run):

@@ -1,5 +1,4 @@
 """ViT encoder / MAE decoder / SymMIM model (core/vit.py, core/symmim.py) on the CPU."""
-import math
 
 import numpy as np
 import pytest

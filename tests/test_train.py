@@ -18,13 +18,18 @@ pytestmark = pytest.mark.slow
 def test_single_process_run_learns_and_leaves_a_complete_run_folder(embedded_cache, tmp_path):
     run_dir = tmp_path / "run"
     proc = run([sys.executable, PRETRAIN, *quiet(embedded_cache, "train.epochs=2", "log.every_steps=5",
-                                                   "log.tensorboard=true"), "--output-dir", str(run_dir)])
+                                                   "log.tensorboard=true", "eval.knn_every_epochs=1"),
+                "--output-dir", str(run_dir)])
     log = proc.stdout + proc.stderr
     assert "data: DALI (imagefolder" in log and "decode=cpu" in log  # the loader line names the backend
     assert "kernels: ops=torch attention=sdpa" in log
     records = metrics(run_dir)
+    knn = [r for r in records if "knn_top1" in r]
+    records = [r for r in records if "loss" in r]
     for key in ("step", "epoch", "loss", "loss_mim", "loss_con", "lr", "img_per_s", "data_wait_frac"):
         assert key in records[0]
+    assert [(r["step"], r["epoch"]) for r in knn] == [(31, 1.0), (62, 2.0)]  # periodic kNN at epoch ends
+    assert 0 <= knn[0]["knn_top1"] <= knn[0]["knn_top5"] <= 100 and 0 < knn[0]["wall_s"] < knn[1]["wall_s"]
     assert records[-1]["step"] == 62  # 2 epochs x 31 steps (2,000 images / 64)
     assert records[-1]["loss_mim"] < 0.8 * records[0]["loss_mim"]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == 2
