@@ -1,9 +1,26 @@
-"""Pieces every training entry point shares: command line, logging, run position."""
+"""Pieces every training entry point shares: command line, logging, run position, exit codes."""
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+from core.checkpoint import CheckpointError
+from core.config import Config, ConfigError, load_config, save_config
+from core.distributed import DistInfo, init_distributed
+from core.pretrained import WeightsError
+from data.folder import DataError
+from kernels.dispatch import BackendError
+
+log = logging.getLogger("symmim")
+BAD_INPUT = (ConfigError, DataError, BackendError, CheckpointError, WeightsError)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stays non-finite)."""
 
 
 def run_parser(description: str, example_config: str) -> argparse.ArgumentParser:
@@ -33,3 +50,38 @@ class Position:
     micro: int = 0  # micro-batches consumed in this epoch (this rank)
     step: int = 0  # optimizer steps
     wall_s: float = 0.0  # training seconds, summed over resumed sessions
+
+
+def launch(args: argparse.Namespace, train: Callable[[Config, Path, DistInfo], None],
+           adjust: Callable[[Config], None] | None = None) -> int:
+    """Load the config, join the process group, write ``config.yaml`` into the run folder, train.
+
+    Returns the process exit code: 0 done (or stopped on request), 2 bad input (config, data,
+    weights, checkpoint, backend), 3 training could not go on, 1 anything else (logged with
+    its traceback and the rank).
+    """
+    faulthandler.enable()  # a crash in native code (DALI, NCCL) still leaves a Python traceback
+    setup_logging(0)
+    rank = 0
+    try:
+        cfg = load_config(args.config, args.set)
+        if adjust:
+            adjust(cfg)
+        dist_info = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
+        rank = dist_info.rank
+        setup_logging(rank)
+        run_dir = Path(args.output_dir or Path("runs") / Path(args.config).stem)
+        if dist_info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+        train(cfg, run_dir, dist_info)
+    except BAD_INPUT as err:
+        log.error("rank %d: %s%s", rank, "config error: " if isinstance(err, ConfigError) else "", err)
+        return 2
+    except TrainingError as err:
+        log.error("rank %d: %s", rank, err)
+        return 3
+    except Exception:
+        log.exception("rank %d failed", rank)
+        return 1
+    return 0

@@ -31,21 +31,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from core.classify import ViTClassifier, evaluate, mix, soft_cross_entropy  # noqa: E402
-from core.config import Config, ConfigError, load_config, save_config  # noqa: E402
-from core.distributed import DistInfo, init_distributed, mean_across_ranks  # noqa: E402
+from core.config import Config  # noqa: E402
+from core.distributed import DistInfo, mean_across_ranks  # noqa: E402
 from core.metrics import MetricsLog, truncate_metrics  # noqa: E402
 from core.optim import LARS, layer_decay_groups, param_groups  # noqa: E402
-from core.pretrained import WeightsError, load_encoder_weights  # noqa: E402
+from core.pretrained import load_encoder_weights  # noqa: E402
 from core.schedules import lr_at  # noqa: E402
 from core.train_step import DTYPES, deepspeed_config  # noqa: E402
 from core.vit import ViTEncoder  # noqa: E402
 from data.eval_loader import train_val_splits  # noqa: E402
 from data.folder import DataError  # noqa: E402
 from data.torch_loader import TorchLoader  # noqa: E402
-from kernels.dispatch import BackendError, resolve_backends  # noqa: E402
-from launch.common import Position, run_parser, setup_logging  # noqa: E402
+from kernels.dispatch import resolve_backends  # noqa: E402
+from launch.common import Position, launch, run_parser  # noqa: E402
 
 log = logging.getLogger("symmim")
 
@@ -182,34 +182,21 @@ def train(cfg: Config, run_dir: Path, args: argparse.Namespace, dist_info: DistI
 def main(argv: list[str] | None = None, linear_probe: bool = False) -> int:
     task = "linear probe" if linear_probe else "fine-tuning"
     args = parse_args(argv, f"{task} of a pre-trained encoder")
-    setup_logging(0)
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as err:
-        log.error("config error: %s", err)
-        return 2
-    if linear_probe and cfg.ds.zero_stage:
-        log.info("linear probe: ZeRO stage 0 instead of %d (LARS needs whole weight matrices)", cfg.ds.zero_stage)
-        cfg.ds.zero_stage = 0
-    rank = 0
-    try:
-        dist_info = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
-        rank = dist_info.rank
-        setup_logging(rank)
-        run_dir = Path(args.output_dir or Path("runs") / Path(args.config).stem)
-        if dist_info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
+
+    def adjust(cfg: Config) -> None:
+        if linear_probe and cfg.ds.zero_stage:
+            log.info("linear probe: ZeRO stage 0 instead of %d (LARS needs whole weight matrices)", cfg.ds.zero_stage)
+            cfg.ds.zero_stage = 0
+
+    def run(cfg: Config, run_dir: Path, dist_info: DistInfo) -> None:
         result = train(cfg, run_dir, args, dist_info, linear_probe)
-    except (DataError, BackendError, ConfigError, CheckpointError, WeightsError) as err:
-        log.error("rank %d: %s", rank, err)
-        return 2
-    if dist_info.is_main:
-        record = {"task": "linprobe" if linear_probe else "finetune", **result, "weights": args.weights}
-        (run_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-        log.info("%s: val top-1 %.2f%%, top-5 %.2f%% -> %s", task, result["top1"], result["top5"], run_dir / "results.json")
-        print(json.dumps(record))
-    return 0
+        if dist_info.is_main:
+            record = {"task": "linprobe" if linear_probe else "finetune", **result, "weights": args.weights}
+            (run_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+            log.info("%s: val top-1 %.2f%%, top-5 %.2f%% -> %s", task, result["top1"], result["top5"], run_dir / "results.json")
+            print(json.dumps(record))
+
+    return launch(args, run, adjust)
 
 
 if __name__ == "__main__":

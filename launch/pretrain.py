@@ -11,7 +11,6 @@ reconstruction picture under ``recon/``.
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import logging
 import signal
 import sys
@@ -22,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import torch  # noqa: E402
 
-from core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
-from core.config import Config, ConfigError, load_config, save_config  # noqa: E402
-from core.distributed import DistInfo, init_distributed, mean_across_ranks  # noqa: E402
+from core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from core.config import Config  # noqa: E402
+from core.distributed import DistInfo, mean_across_ranks  # noqa: E402
 from core.masking import MaskGenerator  # noqa: E402
 from core.metrics import MetricsLog, truncate_metrics  # noqa: E402
 from core.recon import save_recon_grid  # noqa: E402
@@ -34,18 +33,13 @@ from core.train_step import architecture, build_training  # noqa: E402
 from data.folder import DataError  # noqa: E402
 from data.loader import build_train_loader, data_root  # noqa: E402
 from data.torch_loader import load_eval_images  # noqa: E402
-from kernels.dispatch import BackendError  # noqa: E402
-from launch.common import Position, run_parser, setup_logging  # noqa: E402
+from launch.common import Position, TrainingError, launch, run_parser  # noqa: E402
 
 log = logging.getLogger("symmim")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return run_parser("SymMIM pre-training", "configs/tiny_cpu.yaml").parse_args(argv)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss stays non-finite)."""
 
 
 class StopRequest:
@@ -222,33 +216,8 @@ def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    faulthandler.enable()  # a crash in native code (DALI, NCCL) still leaves a Python traceback
-    setup_logging(0)
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as err:
-        log.error("config error: %s", err)
-        return 2
-    rank = 0
-    try:
-        dist_info = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
-        rank = dist_info.rank
-        setup_logging(rank)
-        run_dir = Path(args.output_dir or Path("runs") / Path(args.config).stem)
-        if dist_info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-        train(cfg, run_dir, args.resume, dist_info)
-    except (DataError, BackendError, ConfigError, CheckpointError) as err:
-        log.error("rank %d: %s", rank, err)
-        return 2
-    except TrainingError as err:
-        log.error("rank %d: %s", rank, err)
-        return 3
-    except Exception:
-        log.exception("rank %d failed", rank)
-        return 1
-    return 0
+    return launch(args, lambda cfg, run_dir, dist_info: train(cfg, run_dir, args.resume, dist_info))
+
 
 if __name__ == "__main__":
     sys.exit(main())
