@@ -19,15 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from core.config import ConfigError, load_config  # noqa: E402
+from core.config import load_config  # noqa: E402
 from core.distributed import init_distributed  # noqa: E402
 from core.knn import knn_accuracy  # noqa: E402
-from core.pretrained import WeightsError, load_encoder_weights  # noqa: E402
+from core.pretrained import load_encoder_weights  # noqa: E402
 from core.train_step import DTYPES  # noqa: E402
 from core.vit import ViTEncoder  # noqa: E402
-from data.folder import DataError  # noqa: E402
-from kernels.dispatch import BackendError, resolve_backends  # noqa: E402
-from launch.pretrain import setup_logging  # noqa: E402
+from kernels.dispatch import resolve_backends  # noqa: E402
+from launch.common import BAD_INPUT, setup_logging  # noqa: E402
 
 log = logging.getLogger("symmim")
 
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                  cfg.eval.pool, source, cfg.train.precision, dist_info.world)
         start = time.perf_counter()
         result = knn_accuracy(encoder, cfg, dist_info)
-    except (ConfigError, DataError, BackendError, WeightsError) as err:
+    except BAD_INPUT as err:
         log.error("%s", err)
         return 2
     if dist_info.is_main:
