@@ -109,9 +109,22 @@ class Training:
         self.engine.step()
         mark("optimizer")
         if out["stepped"] and self.momentum is not None:
-            self.momentum.update(self.engine.module, ema_momentum)
+            self._ema_update(ema_momentum)
             mark("ema")
         return out
+
+
+    def _ema_update(self, momentum: float) -> None:
+        """EMA step; under ZeRO-3 the online weights are gathered from their partitions first."""
+        module = self.engine.module
+        if self.cfg.ds.zero_stage != 3:
+            self.momentum.update(module, momentum)
+            return
+        import deepspeed
+
+        params = [*module.encoder.parameters(), *module.projector.parameters()]
+        with deepspeed.zero.GatheredParameters(params):
+            self.momentum.update(module, momentum)
 
 
 def architecture(cfg: Config) -> dict:

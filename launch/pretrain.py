@@ -77,9 +77,9 @@ def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None
     warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
     flops = train_flops_per_image(cfg)
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)  # ZeRO-3: full size
     log.info("model: %.1fM trainable parameters, %.1f GFLOP per image per step; peak lr %.3g, %d steps (%d per epoch), warm-up %d",
-             sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, flops / 1e9, peak_lr, total_steps,
-             steps_per_epoch, warmup)
+             params / 1e6, flops / 1e9, peak_lr, total_steps, steps_per_epoch, warmup)
 
     ckpt_dir = run_dir / "checkpoints"
     arch = architecture(cfg)

@@ -98,3 +98,23 @@ def test_missing_data_root_is_a_clear_error(tmp_path):
     proc = run([sys.executable, PRETRAIN, *quiet(tmp_path, f"data.root={tmp_path / 'nope'}"),
                 "--output-dir", str(tmp_path / "run")], expect=2)
     assert f"data.root {tmp_path / 'nope'} does not exist" in proc.stderr
+
+
+def test_zero3_run_moves_the_ema_branch(embedded_cache, tmp_path):
+    """Under ZeRO-3 the online weights are partitioned: the EMA update must gather them."""
+    import torch
+
+    run_dir = tmp_path / "z3"
+    run([sys.executable, PRETRAIN, *quiet(embedded_cache, "ds.zero_stage=3", "train.max_steps=3", "train.ckpt_every_steps=1",
+                                          "optim.warmup_epochs=0",
+                                          "train.batch_size=16", "log.every_steps=1", "log.recon_images=0"),
+         "--output-dir", str(run_dir)])
+
+    def ema(step: int) -> dict:
+        tag = run_dir / "checkpoints" / f"step{step:08d}"
+        state = torch.load(tag / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)  # ZeRO-3 layout
+        return state["momentum"]
+
+    first, second = ema(1), ema(2)
+    moved = [k for k in first if first[k].is_floating_point() and not torch.equal(first[k], second[k])]
+    assert "encoder.blocks.0.attn.qkv.weight" in moved and "projector.0.weight" in moved
