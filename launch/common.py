@@ -8,9 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.checkpoint import CheckpointError
+import torch
+
+from core.checkpoint import CheckpointError, load_checkpoint
 from core.config import Config, ConfigError, load_config, save_config
 from core.distributed import DistInfo, init_distributed
+from core.metrics import truncate_metrics
 from core.pretrained import WeightsError
 from data.folder import DataError
 from kernels.dispatch import BackendError
@@ -85,3 +88,22 @@ def launch(args: argparse.Namespace, train: Callable[[Config, Path, DistInfo], N
         log.exception("rank %d failed", rank)
         return 1
     return 0
+
+
+def resume(engine, run_dir: Path, arch: dict, rank: int) -> tuple[Position, dict, dict] | None:
+    """Restore the newest intact checkpoint of ``run_dir`` into ``engine`` (and this rank's torch RNG).
+
+    Returns ``(position, client_state, rank_state)``, or None when there is nothing to resume;
+    metrics logged after the restored step by a crashed session are dropped.
+    """
+    ckpt_dir = run_dir / "checkpoints"
+    restored = load_checkpoint(engine, ckpt_dir, arch)
+    if restored is None:
+        log.info("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
+        return None
+    client, own = restored
+    pos = Position(**client["position"])
+    torch.set_rng_state(own["torch_rng"])
+    if rank == 0:
+        truncate_metrics(run_dir / "metrics.jsonl", pos.step)
+    return pos, client, own

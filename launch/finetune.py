@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from core.checkpoint import save_checkpoint  # noqa: E402
 from core.classify import ViTClassifier, evaluate, mix, soft_cross_entropy  # noqa: E402
 from core.config import Config  # noqa: E402
 from core.distributed import DistInfo, mean_across_ranks  # noqa: E402
-from core.metrics import MetricsLog, truncate_metrics  # noqa: E402
+from core.metrics import MetricsLog  # noqa: E402
 from core.optim import LARS, layer_decay_groups, param_groups  # noqa: E402
 from core.pretrained import load_encoder_weights  # noqa: E402
 from core.schedules import lr_at  # noqa: E402
@@ -45,7 +45,7 @@ from data.eval_loader import train_val_splits  # noqa: E402
 from data.folder import DataError  # noqa: E402
 from data.torch_loader import TorchLoader  # noqa: E402
 from kernels.dispatch import resolve_backends  # noqa: E402
-from launch.common import Position, launch, run_parser  # noqa: E402
+from launch.common import Position, launch, resume, run_parser  # noqa: E402
 
 log = logging.getLogger("symmim")
 
@@ -111,17 +111,8 @@ def train(cfg: Config, run_dir: Path, args: argparse.Namespace, dist_info: DistI
 
     ckpt_dir = run_dir / "checkpoints"
     arch = {**dataclasses.asdict(cfg.model), "task": task, "num_classes": num_classes, "pool": cfg.eval.pool}
-    pos = Position()
-    if args.resume:
-        restored = load_checkpoint(engine, ckpt_dir, arch)
-        if restored is None:
-            log.info("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
-        else:
-            client, own = restored
-            pos = Position(**client["position"])
-            torch.set_rng_state(own["torch_rng"])
-            if rank == 0:
-                truncate_metrics(run_dir / "metrics.jsonl", pos.step)
+    restored = resume(engine, run_dir, arch, rank) if args.resume else None
+    pos = restored[0] if restored else Position()
 
     def checkpoint() -> None:
         path = save_checkpoint(engine, ckpt_dir, pos.step, {"position": vars(pos).copy()},

@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import torch  # noqa: E402
 
-from core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from core.checkpoint import save_checkpoint  # noqa: E402
 from core.config import Config  # noqa: E402
 from core.distributed import DistInfo, mean_across_ranks  # noqa: E402
 from core.masking import MaskGenerator  # noqa: E402
-from core.metrics import MetricsLog, truncate_metrics  # noqa: E402
+from core.metrics import MetricsLog  # noqa: E402
 from core.recon import save_recon_grid  # noqa: E402
 from core.schedules import lr_at, momentum_at  # noqa: E402
 from core.flops import peak_flops, train_flops_per_image  # noqa: E402
@@ -33,7 +33,7 @@ from core.train_step import architecture, build_training  # noqa: E402
 from data.folder import DataError  # noqa: E402
 from data.loader import build_train_loader, data_root  # noqa: E402
 from data.torch_loader import load_eval_images  # noqa: E402
-from launch.common import Position, TrainingError, launch, run_parser  # noqa: E402
+from launch.common import Position, TrainingError, launch, resume, run_parser  # noqa: E402
 
 log = logging.getLogger("symmim")
 
@@ -54,7 +54,7 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
 
 
-def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None:
+def train(cfg: Config, run_dir: Path, resume_run: bool, dist_info: DistInfo) -> None:
     from tqdm import tqdm
 
     rank, world, device = dist_info.rank, dist_info.world, dist_info.device
@@ -84,20 +84,13 @@ def train(cfg: Config, run_dir: Path, resume: bool, dist_info: DistInfo) -> None
     ckpt_dir = run_dir / "checkpoints"
     arch = architecture(cfg)
     pos = Position()
-    if resume:
-        restored = load_checkpoint(engine, ckpt_dir, arch)
-        if restored is None:
-            log.info("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
-        else:
-            client, own = restored
-            pos = Position(**client["position"])
-            if momentum is not None:
-                momentum.load_state_dict(client["momentum"])
-            masks.load_state_dict(own["masks"])
-            loader.load_state_dict(own["loader"])
-            torch.set_rng_state(own["torch_rng"])
-            if rank == 0:
-                truncate_metrics(run_dir / "metrics.jsonl", pos.step)
+    restored = resume(engine, run_dir, arch, rank) if resume_run else None
+    if restored:
+        pos, client, own = restored
+        if momentum is not None:
+            momentum.load_state_dict(client["momentum"])
+        masks.load_state_dict(own["masks"])
+        loader.load_state_dict(own["loader"])
 
     def checkpoint(directory: Path = ckpt_dir) -> Path:
         client = {"position": vars(pos).copy(), "momentum": momentum.state_dict() if momentum else None}
