@@ -84,7 +84,8 @@ class Training:
         """One micro-batch ``[B, 3, S, S]``; returns the loss tensors and ``stepped`` / ``skipped``.
 
         A non-finite loss on any rank skips this micro-batch's backward and update on every
-        rank (``skipped``); ``stepped`` says whether the optimizer stepped.
+        rank (``skipped``); ``stepped`` says whether the optimizer stepped. That check is the
+        step's one host sync: it must be decided before backward, on every rank alike.
         """
         mark = timer.mark if timer else (lambda phase: None)
         batch = images.shape[0]
