@@ -104,8 +104,8 @@ class MomentumBranch(nn.Module):
         """EMA step from the online weights (any dtype); BN running stats are copied."""
         for name in ("encoder", "projector"):
             src, dst = getattr(online, name), getattr(self, name)
-            for p_dst, p_src in zip(dst.parameters(), src.parameters()):
-                p_dst.lerp_(p_src.detach().float(), 1.0 - momentum)
+            online_fp32 = [p.detach().float() for p in src.parameters()]
+            torch._foreach_lerp_(list(dst.parameters()), online_fp32, 1.0 - momentum)  # fused over all tensors
             for b_dst, b_src in zip(dst.buffers(), src.buffers()):
                 b_dst.copy_(b_src)
 
