@@ -96,6 +96,13 @@ def write_results(path: str | None, record: dict, bars: list[tuple[str, float]] 
     print(f"wrote {path}")
 
 
+def save_partial(path: str | None, record: dict) -> None:
+    """The record so far, marked partial: what a run stopped by a time limit leaves behind."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({**record, "partial": True}, indent=2) + "\n")
+
+
 def plot_bars(path: Path, title: str, device: str, bars: list[tuple[str, float]], ylabel: str) -> None:
     """Bar chart; each bar labelled with its ratio to the first one."""
     import matplotlib

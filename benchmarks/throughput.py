@@ -5,10 +5,11 @@
 
 Four runs side by side, each the real training step (``core.train_step``, DeepSpeed engine):
 ``symmim`` and ``random75`` (MAE: random 75% mask, no contrastive branch), each in the
-``optimized`` system (kernels.backend=auto: Triton on CUDA; DALI or device-resident input)
+``optimized`` system (the config's kernels, ``auto`` = Triton on CUDA; DALI or device-resident input)
 and the ``reference`` one (torch backend for every op, eager attention, PyTorch loader).
 Reports img/s, the time split (data, momentum forward, forward, backward, optimizer, EMA),
-analytic FLOPs per image and MFU, peak memory, and the projected epoch time.
+analytic FLOPs per image and MFU, peak memory, the projected epoch time, and a profile of each
+run: its top ops by device time and how busy the device was (what to fix when a target is missed).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import base_parser, environment, print_table, write_results  # noqa: E402
+from benchmarks.common import base_parser, environment, print_table, save_partial, write_results  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.distributed import init_distributed, pick_device  # noqa: E402
 from core.flops import peak_flops, train_flops_per_image  # noqa: E402
@@ -30,7 +31,7 @@ from core.train_step import PhaseTimer, build_training  # noqa: E402
 
 VARIANTS = {"symmim": [], "random75": ["mask.strategy=random", "mask.ratio=0.75", "loss.con_weight=0"]}
 SYSTEMS = {
-    "optimized": ["kernels.backend=auto", "kernels.attention=auto"],
+    "optimized": [],  # the config's kernels (auto in the presets); --set kernels.attention=... picks another
     "reference": ["kernels.backend=torch", "kernels.attention=torch", "data.loader=torch"],
 }
 PHASES = ("data", "momentum_forward", "forward", "backward", "optimizer", "ema")
@@ -52,8 +53,31 @@ def _batches(cfg, dist, synthetic: bool):
         epoch += 1
 
 
-def measure(cfg, dist, steps: int, warmup: int, synthetic: bool) -> dict:
-    """Throughput of the real step, then a separately timed pass for the phase split."""
+def top_ops(tr, batches, device: torch.device, steps: int, step_ms: float, top: int = 10) -> dict:
+    """Where the time goes: the ops with most self time over ``steps`` profiled steps
+    (device time on a GPU, CPU time otherwise) and how busy the device was in an unprofiled step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            tr.step(next(batches), 1e-4, 0.99)
+        if cuda:
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total_ms = sum(getattr(e, attr) for e in events) / 1e3 / steps
+    return {
+        "busy_ms_per_step": total_ms,
+        "device_busy_frac": total_ms / step_ms if cuda else None,  # < 1: the host (launches, syncs) is the limit
+        "ops": [{"name": e.key[:90], "ms_per_step": getattr(e, attr) / 1e3 / steps, "calls_per_step": e.count / steps,
+                 "share": getattr(e, attr) / 1e3 / steps / total_ms} for e in events[:top]],
+    }
+
+
+def measure(cfg, dist, steps: int, warmup: int, synthetic: bool, profile_steps: int) -> dict:
+    """Throughput of the real step, then a separately timed pass for the phase split and,
+    with ``profile_steps``, a profiled pass."""
     tr = build_training(cfg, dist)
     batches = _batches(cfg, dist, synthetic)
     device = dist.device
@@ -84,6 +108,8 @@ def measure(cfg, dist, steps: int, warmup: int, synthetic: bool) -> dict:
         "backends": tr.backends.describe(),
         "split": {p: timer.totals.get(p, 0.0) / total for p in PHASES},
     }
+    if profile_steps:
+        row["profile"] = top_ops(tr, batches, device, profile_steps, row["step_ms"])
     del tr
     gc.collect()
     if device.type == "cuda":
@@ -91,15 +117,16 @@ def measure(cfg, dist, steps: int, warmup: int, synthetic: bool) -> dict:
     return row
 
 
-def main() -> None:
+def main() -> int:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/vit_b16_symmim.yaml", help="preset of the symmim run (random75 derives from it)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every run (the reference system keeps the torch backends)")
     p.add_argument("--batch", type=int, help="micro batch (default: the preset's)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--input", choices=["synthetic", "data"], default="synthetic", help="device-resident batches or the data loader")
     p.add_argument("--dataset-size", type=int, default=IMAGENET_TRAIN, help="images per epoch for the projection")
+    p.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler for the top-ops table (0: none)")
     p.add_argument("--quick", action="store_true", help="tiny_cpu shapes, 2 steps: checks the script on CPU")
     args = p.parse_args()
     device = pick_device(args.device)
@@ -112,27 +139,42 @@ def main() -> None:
     dist = init_distributed(device.type)
     env = environment(dist.device)
     peak = peak_flops(env["device"])
-    rows = []
+    rows, failed = [], []
     for system, sys_sets in SYSTEMS.items():
         for variant, var_sets in VARIANTS.items():
+            save_partial(args.json, {"benchmark": "throughput", "env": env, "rows": rows, "failed": failed})
             cfg = load_config(args.config, overrides + var_sets + sys_sets)
             print(f"[{variant} / {system}] {cfg.model.size} {cfg.model.img_size}px batch {cfg.train.batch_size} "
                   f"{cfg.train.precision}, {args.input} input ...", flush=True)
-            row = {"variant": variant, "system": system, **measure(cfg, dist, args.steps, args.warmup, args.input == "synthetic")}
+            try:
+                row = measure(cfg, dist, args.steps, args.warmup, args.input == "synthetic", args.profile_steps)
+            except Exception as err:  # noqa: BLE001 - recorded; the other runs still go, exit code 1
+                error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+                print(f"FAILED {variant} / {system}: {error}", file=sys.stderr)
+                failed.append({"variant": variant, "system": system, "error": error})
+                gc.collect()
+                continue
+            row = {"variant": variant, "system": system, **row}
             row["tflops"] = row["gflop_per_img"] * row["img_per_s"] / 1e3
             row["mfu"] = row["tflops"] * 1e12 / peak if peak else None
             row["epoch_h"] = args.dataset_size / row["img_per_s"] / 3600
             rows.append(row)
+            for op in row.get("profile", {}).get("ops", [])[:6]:
+                print(f"    {op['ms_per_step']:8.2f} ms/step {100 * op['share']:5.1f}%  x{op['calls_per_step']:g}  {op['name']}")
     by = {(r["variant"], r["system"]): r for r in rows}
+
+    def ratio(num: tuple[str, str], den: tuple[str, str], key: str) -> float | None:
+        return by[num][key] / by[den][key] if num in by and den in by else None  # None: a run failed
+
     ratios = {
-        "symmim_opt_vs_random75_ref_epoch": by["random75", "reference"]["epoch_h"] / by["symmim", "optimized"]["epoch_h"],
-        "symmim_opt_vs_ref_speedup": by["symmim", "optimized"]["img_per_s"] / by["symmim", "reference"]["img_per_s"],
-        "random75_opt_vs_ref_speedup": by["random75", "optimized"]["img_per_s"] / by["random75", "reference"]["img_per_s"],
-        "symmim_vs_random75_flops": by["symmim", "optimized"]["gflop_per_img"] / by["random75", "optimized"]["gflop_per_img"],
+        "symmim_opt_vs_random75_ref_epoch": ratio(("random75", "reference"), ("symmim", "optimized"), "epoch_h"),
+        "symmim_opt_vs_ref_speedup": ratio(("symmim", "optimized"), ("symmim", "reference"), "img_per_s"),
+        "random75_opt_vs_ref_speedup": ratio(("random75", "optimized"), ("random75", "reference"), "img_per_s"),
+        "symmim_vs_random75_flops": ratio(("symmim", "optimized"), ("random75", "optimized"), "gflop_per_img"),
     }
-    mfu = by["symmim", "optimized"]["mfu"]
+    epoch_ratio, mfu = ratios["symmim_opt_vs_random75_ref_epoch"], by.get(("symmim", "optimized"), {}).get("mfu")
     targets = {
-        "symmim_epoch_not_slower_than_reference_mae75": ratios["symmim_opt_vs_random75_ref_epoch"] >= 1.0,
+        "symmim_epoch_not_slower_than_reference_mae75": None if epoch_ratio is None else epoch_ratio >= 1.0,
         "symmim_mfu_at_least_45pct": None if mfu is None else mfu >= 0.45,
     }
     table = [{**r, **{f"{k}%": round(100 * v, 1) for k, v in r["split"].items()}} for r in rows]
@@ -140,14 +182,15 @@ def main() -> None:
                 ["variant", "system", "img_per_s", "step_ms", "gflop_per_img", "tflops", "mfu", "epoch_h", "peak_mem_gib"]
                 + [f"{p}%" for p in PHASES])
     for k, v in ratios.items():
-        print(f"{k}: {v:.2f}x")
+        print(f"{k}: {'-' if v is None else f'{v:.2f}x'}")
     for k, v in targets.items():
         print(f"target {k}: {'met' if v else ('n/a' if v is None else 'MISSED')}")
     record = {"benchmark": "throughput", "env": env, "config": args.config, "overrides": overrides, "input": args.input,
-              "steps": args.steps, "rows": rows, "ratios": ratios, "targets": targets}
+              "steps": args.steps, "rows": rows, "failed": failed, "ratios": ratios, "targets": targets}
     write_results(args.json, record, [(f"{r['variant']}/{r['system']}", r["img_per_s"]) for r in rows], "images / s")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TQDM_DISABLE", "1")
-    main()
+    sys.exit(main())

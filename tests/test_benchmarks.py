@@ -61,6 +61,32 @@ def test_gpu_check_dry_run(tmp_path):
     record = json.loads((tmp_path / "gpu_throughput.json").read_text())
     assert {(r["variant"], r["system"]) for r in record["rows"]} == {
         (v, s) for v in ("symmim", "random75") for s in ("optimized", "reference")}
+    assert "partial" not in record and not record["failed"]
     for row in record["rows"]:
         assert row["img_per_s"] > 0 and row["gflop_per_img"] > 0 and abs(sum(row["split"].values()) - 1) < 1e-6
+        assert row["profile"]["ops"] and all(op["ms_per_step"] >= 0 for op in row["profile"]["ops"]), row["profile"]
     assert record["ratios"]["symmim_vs_random75_flops"] > 1
+
+
+def test_throughput_records_a_failed_run_and_measures_the_others(tmp_path):
+    """xformers is not installed: the optimized runs fail to build and are recorded as failed; the
+    reference runs (eager attention) are still measured; exit code 1; ratios that need a failed run are None."""
+    out = tmp_path / "t.json"
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--profile-steps", "0", "--json", str(out),
+                           "--set", "kernels.attention=xformers"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert {(f["variant"], f["system"]) for f in record["failed"]} == {("symmim", "optimized"), ("random75", "optimized")}
+    assert all("xformers" in f["error"] for f in record["failed"])
+    assert {(r["variant"], r["system"]) for r in record["rows"]} == {("symmim", "reference"), ("random75", "reference")}
+    assert record["ratios"]["symmim_opt_vs_ref_speedup"] is None and record["targets"]["symmim_mfu_at_least_45pct"] is None
+
+
+def test_a_failed_kernel_case_misses_its_target():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from benchmarks.kernels import mark_targets
+
+    rows = [{"kernel": "patch-embed", "model": "ViT-B", "shape": "random 75%", "pass": "error", "error": "boom"},
+            {"kernel": "norm-pix loss", "model": "any", "shape": "s", "pass": "fwd+bwd", "triton_x_eager": 3.5}]
+    targets = mark_targets(rows, "ViT-B", [])
+    assert [(t["measured"], t["met"]) for t in targets] == [(None, False), (3.5, True)]

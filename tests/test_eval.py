@@ -23,7 +23,7 @@ from PIL import Image
 from core.classify import ViTClassifier, mix, soft_targets
 from core.config import load_config
 from core.distributed import DistInfo
-from core.knn import knn_accuracy, knn_scores, topk_hits
+from core.knn import knn_accuracy, knn_scores, pool_features, topk_hits
 from core.optim import layer_decay_groups
 from core.pretrained import (ArchitectureError, interpolate_pos_embed, load_encoder_weights, model_architecture,
                              write_export)
@@ -160,6 +160,29 @@ def test_exported_names_and_shapes_are_timm_vit(size, dim, depth, tmp_path):
     assert shapes == timm_layout(dim, depth, 16, 4)
     kwargs = json.loads(meta.read_text())["timm_kwargs"]
     assert kwargs | {"embed_dim": dim, "depth": depth, "patch_size": 16, "img_size": 32, "global_pool": "token"} == kwargs
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_export_is_a_timm_vision_transformer(pool, tmp_path):
+    """timm builds the model from the exported kwargs, loads the file strictly and gives our
+    features and pooled output. timm is not a dependency; the GPU check's machine has it."""
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    from safetensors.torch import load_file
+
+    cfg = load_config(None, ["model.size=tiny", "model.img_size=32", "model.patch_size=16", f"eval.pool={pool}"])
+    torch.manual_seed(0)
+    encoder = ViTEncoder("tiny", 32, 16, TORCH).eval()
+    with torch.no_grad():
+        for p in encoder.parameters():  # away from the init (unit norms, zero biases) so every tensor matters
+            p.add_(torch.randn_like(p) * 0.05)
+    out, meta = write_export(encoder.state_dict(), {**model_architecture(cfg.model), "pool": pool}, tmp_path / "e.safetensors")
+    model = timm_vit.VisionTransformer(**json.loads(meta.read_text())["timm_kwargs"]).eval()
+    model.load_state_dict(load_file(str(out)))  # strict: the same names and shapes, nothing left over
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = encoder(images)  # [B, 1 + N, D]
+        torch.testing.assert_close(model.forward_features(images), tokens, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(images), pool_features(tokens, pool), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

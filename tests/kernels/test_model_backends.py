@@ -41,3 +41,42 @@ def test_symmim_loss_and_grads_match_between_backends(strategy, device):
         expected = grads_ref[name].grad
         assert p.grad is not None and expected.norm() > 0, name
         assert (p.grad - expected).norm() <= 1e-3 * expected.norm(), name
+
+
+def _loss_and_grads(model: SymMIM, images, online, momentum_mask, dtype) -> tuple[torch.Tensor, dict]:
+    """Loss and per-parameter fp32 gradients of one forward/backward; keys from the model's own EMA copy."""
+    keys = MomentumBranch(model)(images, momentum_mask, dtype) if model.contrastive else None
+    out = model(images, online, keys)
+    out["loss"].backward()
+    return out["loss"].float(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["symmetric", "random"])
+def test_bf16_vit_b_model_is_as_close_to_fp32_as_torch_bf16(strategy, device):
+    """The training configuration (ViT-B/16, 224 px, bf16; momentum branch under autocast): the
+    Triton model is no further from an fp32 torch reference than the torch bf16 model is
+    (2x on the loss, 3x per gradient tensor, plus a relative slack of bf16's size)."""
+    sets = ["mask.ratio=0.75"] + (["mask.strategy=random", "loss.con_weight=0"] if strategy == "random" else [])
+    cfg = load_config("configs/vit_b16_symmim.yaml", sets)
+    torch.manual_seed(0)
+    ref = SymMIM(cfg, Backends("torch", "torch")).to(device)
+    images = torch.randn(4, 3, 224, 224, device=device)
+    masks = MaskGenerator(cfg.mask, ref.encoder.grid, device, seed=1)
+    online, momentum_mask = masks.online(4), (masks.momentum(4) if ref.contrastive else None)
+    loss_ref, grads_ref = _loss_and_grads(ref, images, online, momentum_mask, torch.float32)
+    results = {}
+    for name, backends in (("torch", Backends("torch", "torch")), ("triton", Backends("triton", "triton"))):
+        model = SymMIM(cfg, backends).to(device)
+        model.load_state_dict(ref.state_dict())
+        results[name] = _loss_and_grads(model.to(torch.bfloat16), images, online, momentum_mask, torch.bfloat16)
+    (loss_torch, grads_torch), (loss_triton, grads_triton) = results["torch"], results["triton"]
+    assert torch.isfinite(loss_triton)
+    assert (loss_triton - loss_ref).abs() <= 2 * (loss_torch - loss_ref).abs() + 5e-3 * loss_ref.abs(), \
+        (loss_ref.item(), loss_torch.item(), loss_triton.item())
+    worse = []
+    for name, g in grads_ref.items():
+        err_torch, err_triton = (grads_torch[name] - g).norm(), (grads_triton[name] - g).norm()
+        if not err_triton <= 3 * err_torch + 2e-2 * g.norm():
+            worse.append(f"{name}: triton {err_triton:.3g}, torch {err_torch:.3g}, |g| {g.norm():.3g}")
+    assert not worse, "\n".join(worse)
