@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
 # The one prepared script for a GPU machine session (one H100/H200, minutes of time):
 #   1. installs the carried wheels in .whl/ (make them here first: bash benchmarks/gpu_wheels.sh),
-#   2. runs the GPU-marked tests: each kernel in bf16 at ViT-B shapes, and the whole ViT-B SymMIM
-#      model in bf16 (Triton vs torch, both against fp32),
-#   3. checks that an exported encoder loads into timm (installed there, not here),
-#   4. benchmarks/kernels.py: each kernel vs its eager reference, attention vs SDPA/xformers,
-#   5. benchmarks/throughput.py: ViT-B/16 224 px bf16, synthetic input, SymMIM vs random-75%,
-#      optimized vs reference system, with a profile of each run.
+#   2. gpu-tests: the GPU-marked tests: each kernel in bf16 at ViT-B shapes, and the whole ViT-B
+#      SymMIM model in bf16 (Triton vs torch, both against fp32),
+#   3. timm-export: an exported encoder loads into timm (installed there, not here),
+#   4. kernels-bench: benchmarks/kernels.py, each kernel vs its eager reference, attention vs SDPA,
+#   5. throughput: benchmarks/throughput.py, ViT-B/16 224 px bf16, synthetic input, SymMIM vs
+#      random-75%, optimized vs reference system, with a profile of each run; as the presets run
+#      on a cluster (ZeRO-2),
+#   6. throughput-zero0: the same with ZeRO off (on one GPU partitioning only adds work),
+#   7. throughput-zero0-sdpa: the optimized system with torch SDPA (flash) as the attention.
 # Everything lands in $OUT (the device tool's output folder; ./gpu_check_out elsewhere):
-# gpu_check.log, gpu_tests.xml, gpu_timm.xml, gpu_kernels.json/.png, gpu_throughput.json/.png.
+# gpu_check.log, gpu_tests.xml, gpu_timm.xml, gpu_kernels.*, gpu_throughput*.json/.png.
 # Each step has its own time limit and a failing step does not stop the next; the benchmarks
-# keep a partial JSON if their limit stops them. Sized for about 5 minutes on an H100/H200
-# (limits sum to 7.5): the first steps compile and autotune the kernels the later ones reuse.
+# keep a partial JSON if their limit stops them. All steps take about 6 minutes on an H200
+# (limits sum to 11): the first steps compile and autotune the kernels the later ones reuse.
 #
-#   bash benchmarks/gpu_check.sh             # on the GPU machine
-#   bash benchmarks/gpu_check.sh --dry-run   # here, on CPU: the same steps at tiny shapes
+#   bash benchmarks/gpu_check.sh                       # on the GPU machine: every step
+#   bash benchmarks/gpu_check.sh throughput kernels-bench  # some steps
+#   bash benchmarks/gpu_check.sh --dry-run             # here, on CPU: the same steps at tiny shapes
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
+[ "${1:-}" = "--dry-run" ] && DRY=1 && shift
+STEPS=("$@")
+[ ${#STEPS[@]} = 0 ] && STEPS=(gpu-tests timm-export kernels-bench throughput throughput-zero0 throughput-zero0-sdpa)
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 
@@ -45,17 +51,24 @@ step() {  # step NAME LIMIT_S COMMAND...
   [ $rc = 0 ] || status=1
 }
 
-if [ $DRY = 1 ]; then
-  step gpu-tests 300 python3 -m pytest -q tests/kernels/test_layernorm.py
-  step timm-export 60 python3 -m pytest -q tests/test_eval.py -k timm -rs
-  step kernels-bench 300 python3 benchmarks/kernels.py --quick --json "$OUT/gpu_kernels.json"
-  step throughput 300 python3 benchmarks/throughput.py --quick --json "$OUT/gpu_throughput.json"
+if [ $DRY = 1 ]; then  # tiny shapes on CPU, fp32
+  tests=(tests/kernels/test_layernorm.py) kernels=(--quick) throughput=(--quick)
 else
-  step gpu-tests 110 python3 -m pytest -q -m gpu tests/kernels -rs --junitxml "$OUT/gpu_tests.xml"
-  step timm-export 40 python3 -m pytest -q tests/test_eval.py -k timm -rs --junitxml "$OUT/gpu_timm.xml"
-  step kernels-bench 130 python3 benchmarks/kernels.py --json "$OUT/gpu_kernels.json"
-  step throughput 170 python3 benchmarks/throughput.py --config configs/vit_b16_symmim.yaml --batch 128 \
-    --steps 15 --warmup 5 --json "$OUT/gpu_throughput.json"
+  tests=(-m gpu tests/kernels --junitxml "$OUT/gpu_tests.xml") kernels=()
+  throughput=(--config configs/vit_b16_symmim.yaml --batch 128 --steps 15 --warmup 5)
 fi
+for name in "${STEPS[@]}"; do
+  case $name in
+    gpu-tests) step "$name" 110 python3 -m pytest -q -rs "${tests[@]}" ;;
+    timm-export) step "$name" 40 python3 -m pytest -q -rs tests/test_eval.py -k timm --junitxml "$OUT/gpu_timm.xml" ;;
+    kernels-bench) step "$name" 130 python3 benchmarks/kernels.py "${kernels[@]}" --json "$OUT/gpu_kernels.json" ;;
+    throughput) step "$name" 170 python3 benchmarks/throughput.py "${throughput[@]}" --json "$OUT/gpu_throughput.json" ;;
+    throughput-zero0) step "$name" 150 python3 benchmarks/throughput.py "${throughput[@]}" --set ds.zero_stage=0 \
+      --json "$OUT/gpu_throughput_zero0.json" ;;
+    throughput-zero0-sdpa) step "$name" 100 python3 benchmarks/throughput.py "${throughput[@]}" --systems optimized \
+      --set ds.zero_stage=0 --set kernels.attention=sdpa --json "$OUT/gpu_throughput_zero0_sdpa.json" ;;
+    *) echo "unknown step $name"; status=1 ;;
+  esac
+done
 echo "gpu_check: $([ $status = 0 ] && echo all steps passed || echo some steps FAILED)"
 exit $status

@@ -54,8 +54,10 @@ def _batches(cfg, dist, synthetic: bool):
 
 
 def top_ops(tr, batches, device: torch.device, steps: int, step_ms: float, top: int = 10) -> dict:
-    """Where the time goes: the ops with most self time over ``steps`` profiled steps
-    (device time on a GPU, CPU time otherwise) and how busy the device was in an unprofiled step."""
+    """Where the time goes over ``steps`` profiled steps: on a GPU the kernels with most device
+    time and how busy the device was against an unprofiled step's wall time; on CPU the ops
+    with most self time."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -65,7 +67,8 @@ def top_ops(tr, batches, device: torch.device, steps: int, step_ms: float, top: 
         if cuda:
             torch.cuda.synchronize()
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    events = [e for e in prof.key_averages() if not cuda or e.device_type == DeviceType.CUDA]  # kernels, not the ops launching them
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
     total_ms = sum(getattr(e, attr) for e in events) / 1e3 / steps
     return {
         "busy_ms_per_step": total_ms,
@@ -126,9 +129,13 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--input", choices=["synthetic", "data"], default="synthetic", help="device-resident batches or the data loader")
     p.add_argument("--dataset-size", type=int, default=IMAGENET_TRAIN, help="images per epoch for the projection")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of: " + ", ".join(SYSTEMS))
     p.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler for the top-ops table (0: none)")
     p.add_argument("--quick", action="store_true", help="tiny_cpu shapes, 2 steps: checks the script on CPU")
     args = p.parse_args()
+    systems = args.systems.split(",")
+    if not set(systems) <= set(SYSTEMS):
+        p.error(f"--systems {args.systems}: choose from {', '.join(SYSTEMS)}")
     device = pick_device(args.device)
     overrides = [f"train.device={device.type}", *args.set]
     if args.quick:
@@ -140,7 +147,8 @@ def main() -> int:
     env = environment(dist.device)
     peak = peak_flops(env["device"])
     rows, failed = [], []
-    for system, sys_sets in SYSTEMS.items():
+    for system in systems:
+        sys_sets = SYSTEMS[system]
         for variant, var_sets in VARIANTS.items():
             save_partial(args.json, {"benchmark": "throughput", "env": env, "rows": rows, "failed": failed})
             cfg = load_config(args.config, overrides + var_sets + sys_sets)
@@ -177,10 +185,12 @@ def main() -> int:
         "symmim_epoch_not_slower_than_reference_mae75": None if epoch_ratio is None else epoch_ratio >= 1.0,
         "symmim_mfu_at_least_45pct": None if mfu is None else mfu >= 0.45,
     }
-    table = [{**r, **{f"{k}%": round(100 * v, 1) for k, v in r["split"].items()}} for r in rows]
+    table = [{**r, **{f"{k}%": round(100 * v, 1) for k, v in r["split"].items()},
+              "busy%": round(100 * r["profile"]["device_busy_frac"], 1) if r.get("profile", {}).get("device_busy_frac") else None}
+             for r in rows]
     print_table(f"training-step throughput ({args.input} input, {Path(args.config).name})", env, table,
                 ["variant", "system", "img_per_s", "step_ms", "gflop_per_img", "tflops", "mfu", "epoch_h", "peak_mem_gib"]
-                + [f"{p}%" for p in PHASES])
+                + [f"{p}%" for p in PHASES] + ["busy%"])
     for k, v in ratios.items():
         print(f"{k}: {'-' if v is None else f'{v:.2f}x'}")
     for k, v in targets.items():

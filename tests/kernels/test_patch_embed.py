@@ -5,8 +5,9 @@ import torch
 from core.masking import random_mask, symmetric_mask
 from kernels.patch_embed import patch_embed_reference, patch_embed_triton
 
-# fp32: ieee dots, only the summation order differs; fp16: operands are fp16 either way and the
-# tokens are rounded to fp16 (~5e-4 relative); bf16: same with an 8-bit mantissa.
+# The reference runs in fp32 on the same (rounded) inputs. fp32: ieee dots, only the summation
+# order differs; fp16: the tokens and grads are rounded to fp16 (~5e-4 relative); bf16: same with
+# an 8-bit mantissa. (A bf16 reference would itself sum pos_embed's grad in bf16: off by ulps.)
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2),
        torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -26,8 +27,9 @@ def _check(images, params, mask):
     tokens = patch_embed_triton(images, *params, mask.ids_keep, mask.cell, mask.phase)
     dtokens = torch.randn(tokens.shape, dtype=tokens.dtype, device=tokens.device)
     grads = torch.autograd.grad(tokens, params, dtokens)
-    tokens_ref = patch_embed_reference(images, *params, mask.ids_keep)
-    grads_ref = torch.autograd.grad(tokens_ref, params, dtokens)
+    params_ref = [p.detach().float().requires_grad_() for p in params]
+    tokens_ref = patch_embed_reference(images.float(), *params_ref, mask.ids_keep)
+    grads_ref = torch.autograd.grad(tokens_ref, params_ref, dtokens.float())
     assert tokens.dtype == params[0].dtype and tokens.shape == tokens_ref.shape
     for got, want in zip((tokens, *grads), (tokens_ref, *grads_ref), strict=True):
         torch.testing.assert_close(got.float(), want.float(), **TOL[images.dtype])
