@@ -70,7 +70,11 @@ def top_ops(tr, batches, device: torch.device, steps: int, step_ms: float, top: 
     events = [e for e in prof.key_averages() if not cuda or e.device_type == DeviceType.CUDA]  # kernels, not the ops launching them
     events.sort(key=lambda e: getattr(e, attr), reverse=True)
     total_ms = sum(getattr(e, attr) for e in events) / 1e3 / steps
+    host = sorted((e for e in prof.key_averages() if e.device_type == DeviceType.CPU), key=lambda e: e.self_cpu_time_total,
+                  reverse=True)
     return {
+        "host_ops": [{"name": e.key[:90], "ms_per_step": e.self_cpu_time_total / 1e3 / steps, "calls_per_step": e.count / steps}
+                     for e in host[:top]],  # what keeps the host busy when the device waits
         "busy_ms_per_step": total_ms,
         "device_busy_frac": total_ms / step_ms if cuda else None,  # < 1: the host (launches, syncs) is the limit
         "ops": [{"name": e.key[:90], "ms_per_step": getattr(e, attr) / 1e3 / steps, "calls_per_step": e.count / steps,
