@@ -32,7 +32,7 @@ from core.train_step import PhaseTimer, build_training  # noqa: E402
 VARIANTS = {"symmim": [], "random75": ["mask.strategy=random", "mask.ratio=0.75", "loss.con_weight=0"]}
 SYSTEMS = {
     "optimized": [],  # the config's kernels (auto in the presets); --set kernels.attention=... picks another
-    "reference": ["kernels.backend=torch", "kernels.attention=torch", "data.loader=torch"],
+    "reference": ["kernels.backend=torch", "kernels.attention=torch", "kernels.layernorm=torch", "data.loader=torch"],
 }
 PHASES = ("data", "momentum_forward", "forward", "backward", "optimizer", "ema")
 IMAGENET_TRAIN = 1_281_167

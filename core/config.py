@@ -114,8 +114,12 @@ class DeepSpeedConfig:
 
 @dataclass
 class KernelsConfig:
-    backend: Literal["auto", "triton", "torch"] = "auto"
-    attention: Literal["auto", "triton", "sdpa", "xformers", "torch"] = "auto"
+    """Which implementation runs each hot-path op; ``auto`` is what measured fastest on an H200
+    (``benchmarks/results/h200_*.json``)."""
+
+    backend: Literal["auto", "triton", "torch"] = "auto"  # patch-gather-embed, norm-pix loss; auto: triton on CUDA
+    attention: Literal["auto", "triton", "sdpa", "xformers", "torch"] = "auto"  # auto: torch SDPA (flash on CUDA)
+    layernorm: Literal["auto", "triton", "torch"] = "auto"  # auto: torch
 
 
 @dataclass

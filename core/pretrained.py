@@ -99,7 +99,7 @@ def _stage0_masters(meta: dict, cfg) -> dict[str, Tensor] | None:
     if groups is None:
         return None
     with torch.device("meta"):
-        model = SymMIM(cfg, Backends("torch", "torch"))
+        model = SymMIM(cfg, Backends("torch", "torch", "torch"))
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for g in param_groups(model, 0.0) for p in g["params"]]
     masters = [t for g in groups for t in g]

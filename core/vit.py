@@ -59,7 +59,7 @@ class LayerNorm(nn.Module):
         self.backends = backends
 
     def forward(self, x: Tensor) -> Tensor:
-        return dispatch.layer_norm(x, self.weight, self.bias, self.eps, self.backends.ops)
+        return dispatch.layer_norm(x, self.weight, self.bias, self.eps, self.backends.layernorm)
 
 
 class Attention(nn.Module):

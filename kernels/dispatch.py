@@ -1,7 +1,11 @@
 """Backend switch: which implementation runs each hot-path op.
 
 ``resolve_backends(cfg.kernels, device)`` turns the config's ``auto`` choices into concrete
-ones (``triton`` on CUDA, ``torch`` elsewhere) and checks that what was asked for can run.
+ones and checks that what was asked for can run. ``auto`` is what measured fastest in
+training on an H200 (``benchmarks/kernels.py``, ``benchmarks/throughput.py``): our Triton
+patch-gather-embed and norm-pix loss on CUDA (torch elsewhere), torch SDPA for attention
+(its flash kernel beat ours at every ViT shape) and torch's LayerNorm (ours was slower
+forward+backward). The Triton attention and LayerNorm stay selectable and tested.
 The model calls the ops below with the resolved :class:`Backends`.
 """
 from __future__ import annotations
@@ -27,21 +31,21 @@ class BackendError(RuntimeError):
 
 @dataclass(frozen=True)
 class Backends:
-    ops: str  # patch-embed, loss, LayerNorm: "triton" | "torch"
+    ops: str  # patch-embed, loss: "triton" | "torch"
     attention: str  # "triton" | "sdpa" | "xformers" | "torch"
+    layernorm: str  # "triton" | "torch"
 
     def describe(self) -> str:
-        return f"kernels: ops={self.ops} attention={self.attention}"
+        return f"kernels: ops={self.ops} attention={self.attention} layernorm={self.layernorm}"
 
 
 def resolve_backends(cfg, device: torch.device) -> Backends:
     """Concrete backends for ``kernels.backend`` / ``kernels.attention`` on ``device``."""
     on_cuda = torch.device(device).type == "cuda"
     ops = cfg.backend if cfg.backend != "auto" else ("triton" if on_cuda else "torch")
-    attention = cfg.attention
-    if attention == "auto":
-        attention = "triton" if ops == "triton" else "sdpa"
-    if "triton" in (ops, attention) and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    attention = cfg.attention if cfg.attention != "auto" else "sdpa"
+    layernorm = cfg.layernorm if cfg.layernorm != "auto" else "torch"
+    if "triton" in (ops, attention, layernorm) and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise BackendError(
             "kernels: triton kernels need a CUDA device; on CPU they run only under the (slow) "
             "interpreter, TRITON_INTERPRET=1. Use kernels.backend=torch here"
@@ -51,7 +55,7 @@ def resolve_backends(cfg, device: torch.device) -> Backends:
             "kernels.attention=xformers but xformers is not importable; "
             "install the extra (pip install 'symmim[xformers]') or pick triton|sdpa|torch"
         )
-    return Backends(ops, attention)
+    return Backends(ops, attention, layernorm)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:

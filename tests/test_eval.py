@@ -32,7 +32,7 @@ from kernels.dispatch import Backends
 from launch import export
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCH = Backends("torch", "sdpa")
+TORCH = Backends("torch", "sdpa", "torch")
 CPU = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 PER_CLASS = 8  # images per class in the small data set
 

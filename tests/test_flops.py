@@ -14,7 +14,7 @@ from kernels.dispatch import Backends
 
 def test_encoder_flops_match_torch_flop_counter():
     cfg = load_config(None, ["model.size=micro", "model.img_size=32", "model.patch_size=8"])
-    enc = ViTEncoder("micro", 32, 8, Backends("torch", "torch"))
+    enc = ViTEncoder("micro", 32, 8, Backends("torch", "torch", "torch"))
     mask = random_mask(2, enc.grid, 0.5, torch.device("cpu"))
     with FlopCounterMode(display=False) as counter:
         enc(torch.randn(2, 3, 32, 32), mask)

@@ -189,7 +189,7 @@ def test_info_nce_gradient_only_through_q():
 @pytest.fixture(scope="module")
 def online():
     torch.manual_seed(0)
-    return SymMIM(load_config(None, SMALL), Backends("torch", "torch"))
+    return SymMIM(load_config(None, SMALL), Backends("torch", "torch", "torch"))
 
 
 def scramble(model, seed):

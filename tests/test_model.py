@@ -12,8 +12,8 @@ from kernels.dispatch import Backends, norm_pix_loss
 from kernels.norm_pix_loss import norm_pix_loss_reference
 
 CPU = torch.device("cpu")
-TORCH = Backends("torch", "torch")
-SDPA = Backends("torch", "sdpa")
+TORCH = Backends("torch", "torch", "torch")
+SDPA = Backends("torch", "sdpa", "torch")
 SMALL = [
     "model.size=micro", "model.img_size=32", "model.patch_size=8", "model.decoder_dim=32",
     "model.decoder_depth=1", "model.decoder_heads=2", "model.proj_hidden=64", "model.proj_dim=16",

@@ -82,7 +82,7 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def model():
-    return SymMIM(load_config(None, SMALL), Backends("torch", "torch"))
+    return SymMIM(load_config(None, SMALL), Backends("torch", "torch", "torch"))
 
 
 def group_names(model, groups):
@@ -116,7 +116,7 @@ def test_param_groups(model):
 
 
 def test_param_groups_skip_frozen():
-    m = SymMIM(load_config(None, SMALL + ["loss.con_weight=0"]), Backends("torch", "torch"))
+    m = SymMIM(load_config(None, SMALL + ["loss.con_weight=0"]), Backends("torch", "torch", "torch"))
     m.encoder.patch_embed.requires_grad_(False)
     m.encoder.cls_token.requires_grad_(False)
     decay, no_decay = group_names(m, param_groups(m, 0.1))

@@ -23,8 +23,8 @@ TINY = ["model.size=micro", "model.img_size=32", "model.patch_size=8", "model.de
 def test_symmim_loss_and_grads_match_between_backends(strategy, device):
     cfg = load_config(None, TINY + [f"mask.strategy={strategy}", "mask.ratio=0.6"])
     torch.manual_seed(0)
-    ref = SymMIM(cfg, Backends("torch", "torch")).to(device)
-    fused = SymMIM(cfg, Backends("triton", "triton")).to(device)
+    ref = SymMIM(cfg, Backends("torch", "torch", "torch")).to(device)
+    fused = SymMIM(cfg, Backends("triton", "triton", "triton")).to(device)
     fused.load_state_dict(ref.state_dict())
     images = torch.randn(3, 3, 32, 32, device=device)
     masks = MaskGenerator(cfg.mask, ref.encoder.grid, device, seed=1)
@@ -60,13 +60,13 @@ def test_bf16_vit_b_model_is_as_close_to_fp32_as_torch_bf16(strategy, device):
     sets = ["mask.ratio=0.75"] + (["mask.strategy=random", "loss.con_weight=0"] if strategy == "random" else [])
     cfg = load_config("configs/vit_b16_symmim.yaml", sets)
     torch.manual_seed(0)
-    ref = SymMIM(cfg, Backends("torch", "torch")).to(device)
+    ref = SymMIM(cfg, Backends("torch", "torch", "torch")).to(device)
     images = torch.randn(4, 3, 224, 224, device=device)
     masks = MaskGenerator(cfg.mask, ref.encoder.grid, device, seed=1)
     online, momentum_mask = masks.online(4), (masks.momentum(4) if ref.contrastive else None)
     loss_ref, grads_ref = _loss_and_grads(ref, images, online, momentum_mask, torch.float32)
     results = {}
-    for name, backends in (("torch", Backends("torch", "torch")), ("triton", Backends("triton", "triton"))):
+    for name, backends in (("torch", Backends("torch", "torch", "torch")), ("triton", Backends("triton", "triton", "triton"))):
         model = SymMIM(cfg, backends).to(device)
         model.load_state_dict(ref.state_dict())
         results[name] = _loss_and_grads(model.to(torch.bfloat16), images, online, momentum_mask, torch.bfloat16)
