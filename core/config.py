@@ -72,6 +72,7 @@ class DataConfig:
     format: Literal["imagefolder", "webdataset"] = "imagefolder"
     loader: Literal["auto", "dali", "torch"] = "auto"
     workers: int = 4  # decode threads (DALI) or worker processes (torch)
+    precheck: bool = True  # DALI ImageFolder: find truncated files first (reads each file's last KiB)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
     cache_dir: str = "~/.cache/symmim"  # where the embedded data set is generated

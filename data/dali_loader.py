@@ -3,19 +3,27 @@
 Decoding runs on the GPU (``mixed``, nvJPEG) when training on CUDA and on the CPU
 otherwise. The pipeline is built with DALI checkpointing, so its exact position (reader
 order, shuffle buffer, augmentation RNG) travels with a training checkpoint.
+
+Before an ImageFolder pipeline is built, the files' ends are checked for truncation
+(``data.precheck``): DALI 2.4 can crash on a truncated JPEG instead of raising an error.
 """
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from data.folder import MEAN, STD, DataError, ImageList, batches_per_epoch
-from data.verify import verify_files
+from data.verify import Finding, find_truncated, verify_files
+
+log = logging.getLogger("symmim.data")
 
 READER = "reader"
 SCAN_ON_FAILURE = 20_000  # on a decode failure, find the broken files of lists up to this size
@@ -45,6 +53,28 @@ def _train_pipeline(source, shard_id, num_shards, size, scale, hflip, decode_dev
     )  # [B, 3, S, S] float
 
 
+def _broken_files_error(broken: list[Finding]) -> DataError:
+    names = "; ".join(f"{f.path} ({f.detail})" for f in broken[:10])
+    return DataError(f"cannot decode {len(broken)} file(s): {names}. "
+                     "Write an exclusion list with: python launch/verify_data.py DATA_ROOT")
+
+
+def _refuse_truncated(files: list[str], rank: int, world: int) -> None:
+    """Raise a DataError naming the empty, truncated or non-image files among ``files``; each
+    rank checks every ``world``-th file and all ranks learn the result."""
+    t0 = time.perf_counter()
+    broken = find_truncated(files[rank::world])
+    if world > 1 and dist.is_initialized():
+        parts: list[list[Finding]] = [[] for _ in range(world)]
+        dist.all_gather_object(parts, broken)
+        broken = [f for part in parts for f in part]
+    if rank == 0:
+        log.info("data: checked the ends of %d files for truncation in %.1f s (data.precheck)", len(files),
+                 time.perf_counter() - t0)
+    if broken:
+        raise _broken_files_error(broken)
+
+
 def webdataset_shards(root: str | Path) -> list[str]:
     shards = sorted(str(p) for p in Path(root).glob("*.tar"))
     if not shards:
@@ -64,6 +94,8 @@ class DaliLoader:
             # Shuffle the list once so DALI's contiguous shards mix classes on every rank.
             perm = np.random.default_rng(cfg.train.seed).permutation(len(source))
             source = ImageList([source.files[i] for i in perm], [source.labels[i] for i in perm], source.classes)
+            if cfg.data.precheck:
+                _refuse_truncated(source.files, rank, world)
         self._build_args = dict(
             source=source, shard_id=rank, num_shards=world, size=size, scale=cfg.data.crop_scale,
             hflip=cfg.data.hflip, decode_device=self.decode, seed=cfg.train.seed + 1 + rank,  # reader and augmentations
@@ -91,9 +123,7 @@ class DaliLoader:
         if isinstance(source, ImageList) and len(source) <= SCAN_ON_FAILURE:
             broken = [f for f in verify_files(source.files) if f.broken]
             if broken:
-                names = "; ".join(f"{f.path} ({f.detail})" for f in broken[:10])
-                return DataError(f"cannot decode {len(broken)} file(s): {names}. "
-                                 "Write an exclusion list with: python launch/verify_data.py DATA_ROOT")
+                return _broken_files_error(broken)
         return DataError(f"DALI failed to read or decode this rank's data ({dali_says}); find the broken files and "
                          "write an exclusion list with: python launch/verify_data.py DATA_ROOT")
 

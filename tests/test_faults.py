@@ -19,6 +19,7 @@ from PIL import Image
 from pretrain_runs import PRETRAIN, ROOT, clean_env, free_port, metrics, quiet, run, untimed
 
 from data.folder import scan_imagefolder
+from data.verify import find_truncated, suspect
 
 pytestmark = pytest.mark.slow
 SHORT = ("train.batch_size=32", "log.every_steps=1", "log.recon_images=0")
@@ -167,6 +168,18 @@ def test_verify_data_lists_broken_files_and_loaders_skip_them(embedded_cache, tm
     assert "data: 3 files excluded by" in proc.stderr
 
 
+def test_quick_check_finds_the_truncated_empty_and_non_image_files_only(embedded_cache, tmp_path):
+    """It reads file ends, so a JPEG with bytes after its end marker is a suspect, but the full
+    decode clears it; grayscale, CMYK and PNG-named-.jpg files decode and are not broken."""
+    root, faults = _damaged_copy(embedded_cache, tmp_path / "data")
+    trailing = sorted((root / "train").rglob("*.jpg"))[1500]
+    trailing.write_bytes(trailing.read_bytes() + b"\0" * 2000)  # e.g. a camera's appended data
+    assert suspect(str(trailing)) and not suspect(str(sorted((root / "train").rglob("*.jpg"))[1501]))
+    files = [str(p) for p in sorted((root / "train").rglob("*.jpg"))]
+    found = {str(Path(f.path).relative_to(root)): f.kind for f in find_truncated(files, threads=4)}
+    assert found == {faults["corrupt"]: "corrupt", faults["empty"]: "empty", faults["not-an-image"]: "not-an-image"}
+
+
 @pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_without_a_scan_a_decode_failure_names_the_file(embedded_cache, tmp_path, loader):
     root, faults = _damaged_copy(embedded_cache, tmp_path / "data")
@@ -184,8 +197,10 @@ def test_data_set_smaller_than_one_global_batch_is_refused(embedded_cache, tmp_p
     assert "2000 samples cannot fill one global batch of 1 x 4096" in proc.stderr
 
 
-def test_a_dying_rank_ends_the_job_quickly_and_is_named(embedded_cache, tmp_path):
-    """Rank 1 meets a corrupt file in its own shard; the job exits non-zero, no hang."""
+@pytest.mark.parametrize("precheck", [False, True])
+def test_a_dying_rank_ends_the_job_quickly_and_is_named(precheck, embedded_cache, tmp_path):
+    """A truncated file in rank 1's shard. Without the precheck rank 1 meets it while training and
+    the job exits non-zero, no hang; with it (the default) every rank names it before training."""
     launcher = shutil.which("deepspeed") or pytest.skip("deepspeed launcher not on PATH")
     src = next(embedded_cache.glob("embedded-*"))
     root = tmp_path / "data"
@@ -197,11 +212,16 @@ def test_a_dying_rank_ends_the_job_quickly_and_is_named(embedded_cache, tmp_path
     t0 = time.time()
     proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), PRETRAIN,
                            *quiet(embedded_cache, *SHORT, f"data.root={root}", "train.dist_timeout_min=1.0",
-                                  "train.max_steps=100"), "--output-dir", str(tmp_path / "run")],
+                                  "train.max_steps=100", f"data.precheck={str(precheck).lower()}"),
+                           "--output-dir", str(tmp_path / "run")],
                           cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert time.time() - t0 < 240
+    if precheck:
+        for rank in (0, 1):
+            assert f"[rank{rank}] symmim: rank {rank}: cannot decode 1 file(s): {victim}" in log, log[-5000:]
+        return
     # Rank 1 names the file, unless DALI 2.4 segfaults after its decode error (it sometimes
     # does); then the launcher's line names rank 1 and its exit code.
     named = f"[rank1] symmim: rank 1: cannot decode 1 file(s): {victim}" in log
