@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -48,13 +49,21 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def environment(device: torch.device) -> dict:
-    """Device, library versions and git commit of this run."""
+def _commit() -> str:
+    """This tree's git commit (+dirty when changed); ``SYMMIM_COMMIT`` overrides it, for copies
+    whose git metadata is stale, as on the device tool's machine."""
+    if commit := os.environ.get("SYMMIM_COMMIT"):
+        return commit
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
     except OSError:
-        commit, dirty = "unknown", False
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def environment(device: torch.device) -> dict:
+    """Device, library versions and git commit of this run."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -62,7 +71,7 @@ def environment(device: torch.device) -> dict:
     return {
         "device": name,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit + ("+dirty" if dirty else ""),
+        "commit": _commit(),
         "python": platform.python_version(),
         "versions": {d: _version(d) for d in ("torch", "triton", "deepspeed", "nvidia-dali-cuda120", "xformers")},
     }

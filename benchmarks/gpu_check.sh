@@ -9,12 +9,16 @@
 #      random-75%, optimized vs reference system, with a profile of each run; as the presets run
 #      on a cluster (ZeRO-2),
 #   6. throughput-zero0: the same with ZeRO off (on one GPU partitioning only adds work),
-#   7. throughput-zero0-sdpa: the optimized system with torch SDPA (flash) as the attention.
+#   7. throughput-triton-all: the optimized system with our Triton attention and LayerNorm too
+#      (auto runs torch SDPA and LayerNorm, which measured faster; this shows when that changes).
 # Everything lands in $OUT (the device tool's output folder; ./gpu_check_out elsewhere):
 # gpu_check.log, gpu_tests.xml, gpu_timm.xml, gpu_kernels.*, gpu_throughput*.json/.png.
 # Each step has its own time limit and a failing step does not stop the next; the benchmarks
 # keep a partial JSON if their limit stops them. All steps take about 6 minutes on an H200
 # (limits sum to 11): the first steps compile and autotune the kernels the later ones reuse.
+#
+# Through the device tool, name the commit (the copy's git metadata there can be stale):
+#   SYMMIM_COMMIT=<git rev-parse --short HEAD, run here> bash benchmarks/gpu_check.sh
 #
 #   bash benchmarks/gpu_check.sh                       # on the GPU machine: every step
 #   bash benchmarks/gpu_check.sh throughput kernels-bench  # some steps
@@ -26,7 +30,7 @@ mkdir -p "$OUT"
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1 && shift
 STEPS=("$@")
-[ ${#STEPS[@]} = 0 ] && STEPS=(gpu-tests timm-export kernels-bench throughput throughput-zero0 throughput-zero0-sdpa)
+[ ${#STEPS[@]} = 0 ] && STEPS=(gpu-tests timm-export kernels-bench throughput throughput-zero0 throughput-triton-all)
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 
@@ -53,9 +57,11 @@ step() {  # step NAME LIMIT_S COMMAND...
 
 if [ $DRY = 1 ]; then  # tiny shapes on CPU, fp32
   tests=(tests/kernels/test_layernorm.py) kernels=(--quick) throughput=(--quick)
+  triton_all=(--set kernels.layernorm=triton --profile-steps 0)  # Triton attention: minutes in the interpreter
 else
   tests=(-m gpu tests/kernels --junitxml "$OUT/gpu_tests.xml") kernels=()
   throughput=(--config configs/vit_b16_symmim.yaml --batch 128 --steps 15 --warmup 5)
+  triton_all=(--set kernels.attention=triton --set kernels.layernorm=triton)
 fi
 for name in "${STEPS[@]}"; do
   case $name in
@@ -65,8 +71,8 @@ for name in "${STEPS[@]}"; do
     throughput) step "$name" 170 python3 benchmarks/throughput.py "${throughput[@]}" --json "$OUT/gpu_throughput.json" ;;
     throughput-zero0) step "$name" 150 python3 benchmarks/throughput.py "${throughput[@]}" --set ds.zero_stage=0 \
       --json "$OUT/gpu_throughput_zero0.json" ;;
-    throughput-zero0-sdpa) step "$name" 100 python3 benchmarks/throughput.py "${throughput[@]}" --systems optimized \
-      --set ds.zero_stage=0 --set kernels.attention=sdpa --json "$OUT/gpu_throughput_zero0_sdpa.json" ;;
+    throughput-triton-all) step "$name" 100 python3 benchmarks/throughput.py "${throughput[@]}" --systems optimized \
+      "${triton_all[@]}" --json "$OUT/gpu_throughput_triton_all.json" ;;
     *) echo "unknown step $name"; status=1 ;;
   esac
 done

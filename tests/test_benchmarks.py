@@ -57,7 +57,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "gpu_check: all steps passed" in proc.stdout
     for name in ("gpu_check.log", "gpu_kernels.json", "gpu_kernels.png", "gpu_throughput.json", "gpu_throughput.png",
-                 "gpu_throughput_zero0.json", "gpu_throughput_zero0_sdpa.json"):
+                 "gpu_throughput_zero0.json", "gpu_throughput_triton_all.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     record = json.loads((tmp_path / "gpu_throughput.json").read_text())
     assert {(r["variant"], r["system"]) for r in record["rows"]} == {
@@ -67,9 +67,11 @@ def test_gpu_check_dry_run(tmp_path):
         assert row["img_per_s"] > 0 and row["gflop_per_img"] > 0 and abs(sum(row["split"].values()) - 1) < 1e-6
         assert row["profile"]["ops"] and all(op["ms_per_step"] >= 0 for op in row["profile"]["ops"]), row["profile"]
     assert record["ratios"]["symmim_vs_random75_flops"] > 1
-    sdpa = json.loads((tmp_path / "gpu_throughput_zero0_sdpa.json").read_text())
-    assert {r["system"] for r in sdpa["rows"]} == {"optimized"} and "ds.zero_stage=0" in sdpa["overrides"]
-    assert all(r["backends"].endswith("attention=sdpa") for r in sdpa["rows"]), sdpa["rows"]
+    assert {r["backends"] for r in record["rows"]} == {"kernels: ops=torch attention=sdpa layernorm=torch",
+                                                      "kernels: ops=torch attention=torch layernorm=torch"}
+    triton = json.loads((tmp_path / "gpu_throughput_triton_all.json").read_text())
+    assert {r["system"] for r in triton["rows"]} == {"optimized"}
+    assert {r["backends"] for r in triton["rows"]} == {"kernels: ops=torch attention=sdpa layernorm=triton"}  # dry run
 
 
 def test_throughput_records_a_failed_run_and_measures_the_others(tmp_path):
