@@ -54,9 +54,9 @@ def _batches(cfg, dist, synthetic: bool):
 
 
 def top_ops(tr, batches, device: torch.device, steps: int, step_ms: float, top: int = 10) -> dict:
-    """Where the time goes over ``steps`` profiled steps: on a GPU the kernels with most device
-    time and how busy the device was against an unprofiled step's wall time; on CPU the ops
-    with most self time."""
+    """Where the time goes over ``steps`` profiled steps: the ops with most host time and, on a
+    GPU, the kernels with most device time and how busy the device was against an unprofiled
+    step's wall time (below 1: the host, launching and syncing, is the limit)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -66,20 +66,19 @@ def top_ops(tr, batches, device: torch.device, steps: int, step_ms: float, top: 
             tr.step(next(batches), 1e-4, 0.99)
         if cuda:
             torch.cuda.synchronize()
-    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if not cuda or e.device_type == DeviceType.CUDA]  # kernels, not the ops launching them
-    events.sort(key=lambda e: getattr(e, attr), reverse=True)
-    total_ms = sum(getattr(e, attr) for e in events) / 1e3 / steps
-    host = sorted((e for e in prof.key_averages() if e.device_type == DeviceType.CPU), key=lambda e: e.self_cpu_time_total,
-                  reverse=True)
-    return {
-        "host_ops": [{"name": e.key[:90], "ms_per_step": e.self_cpu_time_total / 1e3 / steps, "calls_per_step": e.count / steps}
-                     for e in host[:top]],  # what keeps the host busy when the device waits
-        "busy_ms_per_step": total_ms,
-        "device_busy_frac": total_ms / step_ms if cuda else None,  # < 1: the host (launches, syncs) is the limit
-        "ops": [{"name": e.key[:90], "ms_per_step": getattr(e, attr) / 1e3 / steps, "calls_per_step": e.count / steps,
-                 "share": getattr(e, attr) / 1e3 / steps / total_ms} for e in events[:top]],
-    }
+    averages = prof.key_averages()
+
+    def table(kind: DeviceType, attr: str) -> tuple[list[dict], float]:
+        events = sorted((e for e in averages if e.device_type == kind), key=lambda e: getattr(e, attr), reverse=True)
+        total_ms = sum(getattr(e, attr) for e in events) / 1e3 / steps
+        return [{"name": e.key[:90], "ms_per_step": getattr(e, attr) / 1e3 / steps, "calls_per_step": e.count / steps,
+                 "share": getattr(e, attr) / 1e3 / steps / total_ms} for e in events[:top]], total_ms
+
+    host_ops, _ = table(DeviceType.CPU, "self_cpu_time_total")
+    if not cuda:
+        return {"ops": host_ops, "host_ops": host_ops, "busy_ms_per_step": None, "device_busy_frac": None}
+    kernels, busy_ms = table(DeviceType.CUDA, "self_device_time_total")  # kernels only: their ops would count twice
+    return {"ops": kernels, "host_ops": host_ops, "busy_ms_per_step": busy_ms, "device_busy_frac": busy_ms / step_ms}
 
 
 def measure(cfg, dist, steps: int, warmup: int, synthetic: bool, profile_steps: int) -> dict:
