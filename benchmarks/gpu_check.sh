@@ -14,8 +14,9 @@
 # Everything lands in $OUT (the device tool's output folder; ./gpu_check_out elsewhere):
 # gpu_check.log, gpu_tests.xml, gpu_timm.xml, gpu_kernels.*, gpu_throughput*.json/.png.
 # Each step has its own time limit and a failing step does not stop the next; the benchmarks
-# keep a partial JSON if their limit stops them. All steps take about 6 minutes on an H200
-# (limits sum to 11): the first steps compile and autotune the kernels the later ones reuse.
+# keep a partial JSON if their limit stops them. All steps took about 7 minutes on an H200
+# (gpu-tests 61 s with the first compiles and autotuning, timm 13, kernels 20, throughput
+# 129, zero0 117, the optimized-only run 70); the limits sum to 11.7 minutes.
 #
 # Through the device tool, name the commit (the copy's git metadata there can be stale):
 #   SYMMIM_COMMIT=<git rev-parse --short HEAD, run here> bash benchmarks/gpu_check.sh
