@@ -5,8 +5,9 @@
 
 Four runs side by side, each the real training step (``core.train_step``, DeepSpeed engine):
 ``symmim`` and ``random75`` (MAE: random 75% mask, no contrastive branch), each in the
-``optimized`` system (the config's kernels: ``auto``, see ``kernels/dispatch.py``; DALI or device-resident input)
-and the ``reference`` one (torch backend for every op, eager attention, PyTorch loader).
+``optimized`` system (the config's kernels, ``auto`` as ``kernels/dispatch.py`` resolves it;
+DALI or device-resident input) and the ``reference`` one (torch backend for every op, eager
+attention, PyTorch loader).
 Reports img/s, the time split (data, momentum forward, forward, backward, optimizer, EMA),
 analytic FLOPs per image and MFU, peak memory, the projected epoch time, and a profile of each
 run: its top ops by device time and how busy the device was (what to fix when a target is missed).
