@@ -98,8 +98,7 @@ def write_results(path: str | None, record: dict, bars: list[tuple[str, float]] 
     if not path:
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    _write_json(path, record)
     if bars:
         plot_bars(path.with_suffix(".png"), record["benchmark"], record["env"]["device"], bars, ylabel)
     print(f"wrote {path}")
@@ -108,8 +107,17 @@ def write_results(path: str | None, record: dict, bars: list[tuple[str, float]] 
 def save_partial(path: str | None, record: dict) -> None:
     """The record so far, marked partial: what a run stopped by a time limit leaves behind."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({**record, "partial": True}, indent=2) + "\n")
+        _write_json(Path(path), {**record, "partial": True})
+
+
+def _write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def error_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters), for a table or a JSON record."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
 
 
 def plot_bars(path: Path, title: str, device: str, bars: list[tuple[str, float]], ylabel: str) -> None:

@@ -32,7 +32,7 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from benchmarks.common import base_parser, environment, print_table, save_partial, time_ms, write_results  # noqa: E402
+from benchmarks.common import base_parser, environment, error_line, print_table, save_partial, time_ms, write_results  # noqa: E402
 from core.distributed import pick_device  # noqa: E402
 from core.masking import random_mask, symmetric_mask  # noqa: E402
 from core.train_step import DTYPES  # noqa: E402
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_case(case, device, warmup, iters)
         except Exception as err:  # noqa: BLE001 - reported in the table and the JSON, exit code 1
             failed += 1
-            error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+            error = error_line(err)
             print(f"FAILED {case.kernel} {case.model} {case.shape}: {error}", file=sys.stderr)
             rows.append({"kernel": case.kernel, "model": case.model, "shape": case.shape, "pass": "error", "error": error})
         save_partial(args.json, {"benchmark": "kernels", "env": env, "rows": rows, "notes": notes})

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import base_parser, environment, print_table, save_partial, write_results  # noqa: E402
+from benchmarks.common import base_parser, environment, error_line, print_table, save_partial, write_results  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.distributed import init_distributed, pick_device  # noqa: E402
 from core.flops import peak_flops, train_flops_per_image  # noqa: E402
@@ -161,7 +161,7 @@ def main() -> int:
             try:
                 row = measure(cfg, dist, args.steps, args.warmup, args.input == "synthetic", args.profile_steps)
             except Exception as err:  # noqa: BLE001 - recorded; the other runs still go, exit code 1
-                error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+                error = error_line(err)
                 print(f"FAILED {variant} / {system}: {error}", file=sys.stderr)
                 failed.append({"variant": variant, "system": system, "error": error})
                 gc.collect()
