@@ -1,0 +1,1 @@
+"""Benchmarks: throughput, kernels, data loading, time to accuracy (run as scripts or ``python -m``)."""

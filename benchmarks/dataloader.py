@@ -23,18 +23,17 @@ import time
 from multiprocessing import Pool
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
 
-from benchmarks.common import base_parser, environment, print_table, write_results  # noqa: E402
-from core.config import load_config  # noqa: E402
-from core.distributed import pick_device  # noqa: E402
-from data.embedded import ensure_embedded  # noqa: E402
-from data.folder import scan_imagefolder  # noqa: E402
-from data.torch_loader import TorchLoader  # noqa: E402
+from symmim.benchmarks.common import base_parser, environment, print_table, write_results
+from symmim.core.config import load_config
+from symmim.core.distributed import pick_device
+from symmim.data.embedded import ensure_embedded
+from symmim.data.folder import scan_imagefolder
+from symmim.data.torch_loader import TorchLoader
 
 PHOTOS_VERSION = "photos-v1"
 TARGET = 2.0  # DESIGN.md: DALI-CPU >= 2x PIL + DataLoader at equal threads, ImageNet-size photos
@@ -138,11 +137,12 @@ def _file_stats(files: list[str]) -> dict:
 def measure(root: Path, cfg, size: int, device: torch.device, args, use_dali: bool) -> dict:
     """One table row: both loaders on ``root``/train, median img/s of ``args.repeats`` runs."""
     items = scan_imagefolder(root / "train")
-    loaders = {"torch": lambda: TorchLoader(items, cfg, size, 0, 1, device)}
+    batch, seed = cfg.train.batch_size, cfg.train.seed
+    loaders = {"torch": lambda: TorchLoader(items, cfg.data, size, batch, seed, 0, 1, device)}
     if use_dali:
-        from data.dali_loader import DaliLoader  # DALI is optional (absent on the GPU test machine)
+        from symmim.data.dali_loader import DaliLoader  # DALI is optional (absent on the GPU test machine)
 
-        loaders["dali"] = lambda: DaliLoader(items, len(items), cfg, size, 0, 1, device)
+        loaders["dali"] = lambda: DaliLoader(items, len(items), cfg.data, size, batch, seed, 0, 1, device)
     steps = len(items) // cfg.train.batch_size
     batches = min(args.batches, steps - args.warmup)
     if batches < 1:

@@ -39,6 +39,8 @@ if ls .whl/*.whl >/dev/null 2>&1 && [ $DRY = 0 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# `symmim` is this tree (no pip install there): a link named symmim on PYTHONPATH
+mkdir -p /tmp/symmim_src && ln -sfn "$PWD" /tmp/symmim_src/symmim && export PYTHONPATH=/tmp/symmim_src${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi -L 2>/dev/null
 python3 - <<'PY'
 import torch, triton

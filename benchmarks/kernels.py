@@ -20,23 +20,15 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's `kernels`, not this file
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import torch  # noqa: E402
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the Triton kernels are defined (import)
-
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-
-from benchmarks.common import base_parser, environment, error_line, print_table, save_partial, time_ms, write_results  # noqa: E402
-from core.distributed import pick_device  # noqa: E402
-from core.masking import random_mask, symmetric_mask  # noqa: E402
-from core.train_step import DTYPES  # noqa: E402
-from kernels import dispatch  # noqa: E402
+from symmim.benchmarks.common import base_parser, environment, error_line, print_table, save_partial, time_ms, write_results
+from symmim.core.distributed import pick_device
+from symmim.core.engine import DTYPES
+from symmim.core.masking import random_mask, symmetric_mask
 
 MODELS = {"ViT-B": (768, 12), "ViT-L": (1024, 16)}  # width, heads (head dim 64)
 QUICK_MODELS = {"tiny": (64, 2)}
@@ -65,25 +57,33 @@ def _leaf(shape, dtype, device, scale: float = 1.0) -> torch.Tensor:
     return (torch.randn(shape, device=device) * scale).to(dtype).requires_grad_()
 
 
-def _eager_and_triton(op: Callable, *args) -> dict[str, Callable[[], torch.Tensor]]:
-    """``op(*args, backend)`` through :mod:`kernels.dispatch` for the eager reference and Triton."""
-    return {"eager": partial(op, *args, "torch"), "triton": partial(op, *args, "triton")}
+def _kernels():
+    """``symmim.kernels.dispatch``, imported only once ``main`` has chosen the GPU or the interpreter
+    (Triton reads ``TRITON_INTERPRET`` when the kernels are defined)."""
+    from symmim.kernels import dispatch
+
+    return dispatch
+
+
+def _eager_and_triton(table: dict[str, Callable], *args) -> dict[str, Callable[[], torch.Tensor]]:
+    """The eager reference and the Triton kernel of one op (a ``kernels.dispatch`` table) on ``args``."""
+    return {"eager": partial(table["torch"], *args), "triton": partial(table["triton"], *args)}
 
 
 def attention_cases(model: str, width: int, heads: int, batch: int, tokens: list[int], dtype, device,
                     notes: list[str]) -> list[Case]:
     """Attention ``[B, H, N, D/H]`` at each token count: eager, SDPA, xformers, Triton."""
-    cases, d = [], width // heads
+    cases, d, ops = [], width // heads, _kernels().ATTENTION
     for n in tokens:
         q, k, v = (_leaf((batch, heads, n, d), dtype, device) for _ in range(3))  # [B, H, N, d]
-        impls = {"eager": partial(dispatch.attention, q, k, v, "torch"), "sdpa": _sdpa(q, k, v, notes)}
+        impls = {"eager": partial(ops["torch"], q, k, v), "sdpa": _sdpa(q, k, v, notes)}
         if importlib.util.find_spec("xformers") is not None:
-            xformers = partial(dispatch.attention, q, k, v, "xformers")
+            xformers = partial(ops["xformers"], q, k, v)
             if (err := _fails(xformers)) is None:
                 impls["xformers"] = xformers
             else:
                 _note(notes, f"xformers is importable but does not run here: {err}")
-        impls["triton"] = partial(dispatch.attention, q, k, v, "triton")
+        impls["triton"] = partial(ops["triton"], q, k, v)
         fwd = 4.0 * batch * heads * n * n * d
         cases.append(Case("attention", model, f"N={n}", impls, [q, k, v], torch.randn_like(q),
                           flops=(fwd, fwd * (1 + BWD_FLOPS))))
@@ -102,7 +102,7 @@ def _sdpa(q, k, v, notes: list[str]) -> Callable[[], torch.Tensor]:
         _note(notes, "sdpa = torch SDPA, flash-attention backend")
         return flash
     _note(notes, f"sdpa = torch SDPA, default backend: flash unavailable here ({err})")
-    return partial(dispatch.attention, q, k, v, "sdpa")
+    return partial(F.scaled_dot_product_attention, q, k, v)
 
 
 def _fails(fn: Callable[[], torch.Tensor]) -> str | None:
@@ -127,7 +127,7 @@ def patch_embed_cases(model: str, width: int, batch: int, img: int, patch: int, 
     cases = []
     for name, mask in masks.items():
         fwd = 2.0 * batch * mask.num_visible * 3 * patch * patch * width  # one GEMM; backward: dW only
-        impls = _eager_and_triton(dispatch.patch_embed, images, weight, bias, pos, mask)
+        impls = _eager_and_triton(_kernels().PATCH_EMBED, images, weight, bias, pos, mask.ids_keep, mask.cell, mask.phase)
         cases.append(Case("patch-embed", model, f"{name} ({mask.num_visible} vis)", impls, [weight, bias, pos],
                           torch.randn(batch, mask.num_visible, width, device=device, dtype=dtype), flops=(fwd, 2 * fwd)))
     return cases
@@ -140,7 +140,7 @@ def loss_case(batch: int, img: int, patch: int, dtype, device) -> Case:
     pred = _leaf((batch, n, 3 * patch * patch), dtype, device)  # [B, N, 3*p*p]
     images = torch.randn(batch, 3, img, img, device=device)  # [B, 3, H, W] fp32, as the model passes them
     mask = symmetric_mask(batch, grid, 1, "random", device).mask  # [B, N] True = masked
-    impls = _eager_and_triton(dispatch.norm_pix_loss, pred, images, mask, patch, True)
+    impls = _eager_and_triton(_kernels().NORM_PIX_LOSS, pred, images, mask, patch, True)
     io = _nbytes(pred, images)
     return Case("norm-pix loss", "any", f"pred {list(pred.shape)}, {int(mask[0].sum())} masked", impls, [pred], None,
                 bytes=(io, 2 * io + _nbytes(pred)))
@@ -150,7 +150,7 @@ def layer_norm_case(model: str, width: int, rows: int, dtype, device) -> Case:
     """LayerNorm over ``[rows, D]``."""
     x = _leaf((rows, width), dtype, device)  # [B*N, D]
     w, b = _leaf((width,), dtype, device), _leaf((width,), dtype, device)
-    impls = _eager_and_triton(dispatch.layer_norm, x, w, b, 1e-6)
+    impls = _eager_and_triton(_kernels().LAYER_NORM, x, w, b, 1e-6)
     io = _nbytes(x)  # forward reads x, writes y; backward reads x and dy, writes dx
     return Case("layernorm", model, f"[{rows}, {width}]", impls, [x, w, b], torch.randn_like(x), bytes=(2 * io, 5 * io))
 
@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=20, help="timed calls per measurement (median)")
     p.add_argument("--quick", action="store_true", help="tiny fp32 shapes: 32 px images, patch 8, D 64, 2 heads")
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported (_kernels)
     device = pick_device(args.device)
     dtype_name = args.dtype or ("fp32" if args.quick else "bf16")
     if device.type == "cpu" and dtype_name == "bf16":

@@ -3,7 +3,7 @@
     python benchmarks/throughput.py --config configs/vit_b16_symmim.yaml --batch 64 --json out.json
     python benchmarks/throughput.py --quick            # tiny shapes on CPU: checks the script
 
-Four runs side by side, each the real training step (``core.train_step``, DeepSpeed engine):
+Four runs side by side, each the real training step (``core/pretrain_step.py``, DeepSpeed engine):
 ``symmim`` and ``random75`` (MAE: random 75% mask, no contrastive branch), each in the
 ``optimized`` system (the config's kernels, ``auto`` as ``kernels/dispatch.py`` resolves it;
 DALI or device-resident input) and the ``reference`` one (torch backend for every op, eager
@@ -20,15 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.common import base_parser, environment, error_line, print_table, save_partial, write_results  # noqa: E402
-from core.config import load_config  # noqa: E402
-from core.distributed import init_distributed, pick_device  # noqa: E402
-from core.flops import peak_flops, train_flops_per_image  # noqa: E402
-from core.train_step import PhaseTimer, build_training  # noqa: E402
+from symmim.benchmarks.common import base_parser, environment, error_line, print_table, save_partial, write_results
+from symmim.core.config import load_config
+from symmim.core.distributed import init_distributed, pick_device
+from symmim.core.flops import peak_flops, train_flops_per_image
+from symmim.core.pretrain_step import PhaseTimer, build_training
 
 VARIANTS = {"symmim": [], "random75": ["mask.strategy=random", "mask.ratio=0.75", "loss.con_weight=0"]}
 SYSTEMS = {
@@ -45,9 +44,10 @@ def _batches(cfg, dist, synthetic: bool):
         images = torch.randn(cfg.train.batch_size, 3, cfg.model.img_size, cfg.model.img_size, device=dist.device)
         while True:
             yield images
-    from data.loader import build_train_loader
+    from symmim.data.loader import build_train_loader
 
-    loader = build_train_loader(cfg, dist.rank, dist.world, dist.device)
+    loader = build_train_loader(cfg.data, cfg.model.img_size, cfg.train.batch_size, cfg.train.seed, dist.rank, dist.world,
+                                dist.device)
     epoch = 0
     while True:
         yield from loader.epoch(epoch)

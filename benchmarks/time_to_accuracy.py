@@ -3,7 +3,7 @@
     python benchmarks/time_to_accuracy.py --minutes 10 --json benchmarks/results/cpu_time_to_accuracy.json
     python benchmarks/time_to_accuracy.py --dry-run      # print the three commands only
 
-Each method is a normal pre-training run (``launch/pretrain.py``, one after another, the embedded
+Each method is a normal pre-training run (``symmim.launch.pretrain``, one after another, the embedded
 data set with ``configs/tiny_cpu.yaml`` by default) with ``train.time_limit_min`` = ``--minutes``
 and ``eval.knn_every_epochs=1``: the run logs kNN top-1 / top-5 (k = 20, cosine, T = 0.07) with
 its training seconds at each epoch end (and when the budget runs out) to ``metrics.jsonl``; the
@@ -28,10 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import ROOT, base_parser, environment, print_table, write_results  # noqa: E402
-from core.distributed import pick_device  # noqa: E402
+from symmim.benchmarks.common import ROOT, base_parser, environment, print_table, write_results
+from symmim.core.distributed import pick_device
 
 METHODS = {
     "symmim": [],
@@ -41,10 +39,10 @@ METHODS = {
 
 
 def command(args, name: str) -> list[str]:
-    """The ``launch/pretrain.py`` command line of one method."""
+    """The pre-training command line of one method."""
     sets = [*METHODS[name], *args.set, f"train.time_limit_min={args.minutes}", "eval.knn_every_epochs=1",
             f"train.device={args.device}", "log.progress=false", "log.recon_images=0"]
-    return [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", args.config,
+    return [sys.executable, "-m", "symmim.launch.pretrain", "--config", args.config,
             "--output-dir", str(Path(args.runs_dir) / name), *(a for s in sets for a in ("--set", s))]
 
 
@@ -100,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: {args.minutes} min", flush=True)
         proc = subprocess.run(command(args, name), cwd=ROOT)
         if proc.returncode != 0:
-            print(f"{name}: launch/pretrain.py exited with {proc.returncode}", file=sys.stderr)
+            print(f"{name}: pre-training exited with {proc.returncode}", file=sys.stderr)
             return proc.returncode
         curves[name] = knn_curve(run_dir)
         if not curves[name]:

@@ -81,7 +81,7 @@ def _problem(tag_dir: Path, world: int, arch: dict) -> str | None:
         raise CheckpointError(
             f"{tag_dir} was written by {manifest['world_size']} processes, this run has {world}. ZeRO optimizer "
             "shards and per-rank data positions belong to the process count: resume with the same number of "
-            "processes, or export the weights (launch/export.py) and start a new run from them"
+            "processes, or export the weights (symmim-export) and start a new run from them"
         )
     return None
 

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.distributed import DistInfo
-from core.knn import percent_across_ranks, pool_features, topk_hits
-from core.vit import ViTEncoder
-from data.eval_loader import eval_batches
-from data.folder import ImageList
+from symmim.core.distributed import DistInfo
+from symmim.core.knn import percent_across_ranks, pool_features, topk_hits
+from symmim.core.vit import ViTEncoder
+from symmim.data.eval_loader import eval_batches
+from symmim.data.folder import ImageList
 
 
 class ViTClassifier(nn.Module):
@@ -81,14 +81,16 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, items: ImageList, cfg, dist_info: DistInfo) -> dict[str, float]:
-    """Top-1 / top-5 (percent) of ``model``'s logits on centre crops of ``items``; every rank must call it."""
+def evaluate(model: nn.Module, items: ImageList, img_size: int, batch: int, workers: int,
+             dist_info: DistInfo) -> dict[str, float]:
+    """Top-1 / top-5 (percent) of ``model``'s logits on ``img_size`` centre crops of ``items``, in batches
+    of ``batch`` decoded by ``workers`` processes; every rank must call it."""
     was_training = model.training
     model.eval()
     ks = (1, min(5, len(items.classes)))
     counts = torch.zeros(3, dtype=torch.long, device=dist_info.device)  # top-1 hits, top-5 hits, images
-    for images, labels in eval_batches(items, cfg.model.img_size, cfg.eval.batch_size, dist_info.rank,
-                                       dist_info.world, cfg.data.workers, dist_info.device):
+    for images, labels in eval_batches(items, img_size, batch, dist_info.rank, dist_info.world, workers,
+                                       dist_info.device):
         counts += torch.cat([topk_hits(model(images).float(), labels, ks), (labels >= 0).sum()[None]])
     model.train(was_training)
     top1, top5 = percent_across_ranks(counts)

@@ -2,8 +2,9 @@
 
 ``load_config("configs/tiny_cpu.yaml", ["train.epochs=3"])`` starts from the defaults
 below, applies the YAML file (after the preset it names as ``base:``, if any), then each
-``dotted.key=value`` override (values parsed as YAML), and checks every key and type. A bad key or value raises :class:`ConfigError`
-whose message names it.
+``dotted.key=value`` override (values parsed as YAML), and checks every key and type. A bad
+key or value raises :class:`ConfigError` whose message names it. A bare preset name
+(``tiny_cpu``) that is not a file here names one of the presets shipped with the package.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+
+
+PRESETS = Path(__file__).resolve().parents[1] / "configs"  # shipped presets (the checkout's configs/)
 
 
 class ConfigError(ValueError):
@@ -68,7 +72,7 @@ class LossConfig:
 @dataclass
 class DataConfig:
     root: Optional[str] = None  # ImageFolder root with train/ and val/; None = embedded set
-    exclude: Optional[str] = None  # file list to skip (launch/verify_data.py); default ROOT/symmim_exclude.txt
+    exclude: Optional[str] = None  # file list to skip (symmim-verify-data); default ROOT/symmim_exclude.txt
     format: Literal["imagefolder", "webdataset"] = "imagefolder"
     loader: Literal["auto", "dali", "torch"] = "auto"
     workers: int = 4  # decode threads (DALI) or worker processes (torch)
@@ -134,7 +138,7 @@ class EvalConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Supervised recipe of ``launch/finetune.py`` (MAE fine-tuning) and ``launch/linprobe.py``.
+    """Supervised recipe of ``symmim-finetune`` (MAE fine-tuning) and ``symmim-linprobe``.
 
     Batch size, precision, ZeRO stage, gradient clipping, seed and the crop scale come from
     ``train``, ``ds``, ``optim.clip_grad`` and ``data`` as in pre-training; the feature is
@@ -271,11 +275,25 @@ def _preset_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
     return chain + [data]
 
 
+def preset_path(name: str | Path) -> Path:
+    """``name`` itself when it is a file or a path with folders, else the shipped preset of that name
+    (``tiny_cpu`` or ``tiny_cpu.yaml``); ConfigError listing the shipped presets when neither exists."""
+    path = Path(name)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    shipped = PRESETS / (path.name if path.suffix else f"{path.name}.yaml")
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+    raise ConfigError(f"config file {path} does not exist, nor is it a shipped preset ({names})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML preset at ``path``, then ``dotted.key=value`` overrides."""
+    """Defaults, then the YAML preset at ``path`` (a file or a shipped preset's name), then
+    ``dotted.key=value`` overrides."""
     cfg = Config()
     if path is not None:
-        for data in _preset_chain(Path(path)):
+        for data in _preset_chain(preset_path(path)):
             _merge(cfg, data)
     for text in overrides:
         _merge(cfg, parse_override(text))

@@ -76,3 +76,11 @@ def mean_across_ranks(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
+
+
+def finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """Whether ``loss`` is finite on every rank (a host sync): a step is skipped on all ranks or none."""
+    finite = torch.isfinite(loss.detach()).float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)

@@ -6,8 +6,8 @@ costs 3x the forward of the trained parts plus 1x the momentum branch's forward.
 """
 from __future__ import annotations
 
-from core.masking import checkerboard_masked_counts
-from core.vit import VIT_SIZES
+from symmim.core.masking import checkerboard_masked_counts
+from symmim.core.vit import VIT_SIZES
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense tensor-core peaks
 

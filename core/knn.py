@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.config import Config
-from core.distributed import DistInfo, all_gather
-from data.eval_loader import eval_batches, train_val_splits
+from symmim.core.config import DataConfig, EvalConfig
+from symmim.core.distributed import DistInfo, all_gather
+from symmim.data.eval_loader import eval_batches, train_val_splits
 
 
 def pool_features(tokens: Tensor, pool: str) -> Tensor:
@@ -61,19 +61,18 @@ def percent_across_ranks(counts: Tensor) -> tuple[float, float]:
     return 100.0 * top1 / total, 100.0 * top5 / total
 
 
-def knn_accuracy(encoder: nn.Module, cfg: Config, dist_info: DistInfo) -> dict[str, float]:
+def knn_accuracy(encoder: nn.Module, e: EvalConfig, data: DataConfig, img_size: int, dist_info: DistInfo) -> dict[str, float]:
     """Top-1 / top-5 (percent) of weighted kNN on ``encoder``'s features; every rank must call it.
 
-    Uses ``cfg.eval`` (k, temperature, pool, batch size) and the run's data set (train/ is the
-    bank, val/ the queries) at ``model.img_size``. Works on a bf16 encoder (features cast to
-    fp32) and restores its train/eval mode.
+    Uses the ``eval`` section (k, temperature, pool, batch size) and the ``data`` section's data
+    set (train/ is the bank, val/ the queries) at ``img_size``. Works on a bf16 encoder
+    (features cast to fp32) and restores its train/eval mode.
     """
-    e = cfg.eval
-    train, val = train_val_splits(cfg)
+    train, val = train_val_splits(data)
 
     def batches(items):
-        return eval_batches(items, cfg.model.img_size, e.batch_size, dist_info.rank, dist_info.world,
-                            cfg.data.workers, dist_info.device)
+        return eval_batches(items, img_size, e.batch_size, dist_info.rank, dist_info.world, data.workers,
+                            dist_info.device)
 
     was_training = encoder.training
     encoder.eval()

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from symmim.core.config import MaskConfig
+
 
 @dataclass(frozen=True)
 class Mask:
@@ -170,7 +172,7 @@ class MaskGenerator:
     generator owns its random streams, so its state travels with a checkpoint.
     """
 
-    def __init__(self, cfg, grid: tuple[int, int], device: torch.device, seed: int):
+    def __init__(self, cfg: MaskConfig, grid: tuple[int, int], device: torch.device, seed: int):
         self.cfg = cfg
         self.grid = grid
         self.device = torch.device(device)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from symmim.core.config import OptimConfig
+
 
 def decays(name: str, p: nn.Parameter) -> bool:
     """Weight decay applies to weight matrices only: not to norms, biases, CLS and mask tokens."""
@@ -20,9 +22,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
-    """Torch AdamW (fused on CUDA); its lr is set every step from ``core.schedules``."""
-    o = cfg.optim
+def build_optimizer(model: nn.Module, o: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Torch AdamW (fused on CUDA) from the ``optim`` config section; its lr is set every step from ``core.schedules``."""
     fused = torch.device(device).type == "cuda"
     return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=0.0, betas=o.betas, fused=fused)
 

@@ -1,11 +1,11 @@
 """Pre-trained encoder weights: read from a run folder or an exported file, checked, loaded, exported.
 
-- A **run folder** (``launch/pretrain.py``) is read from a DeepSpeed checkpoint tag
+- A **run folder** (``symmim-pretrain``) is read from a DeepSpeed checkpoint tag
   (``checkpoints/latest`` by default) and consolidated to fp32: ZeRO 1-3 through DeepSpeed's
   ``zero_to_fp32`` (the fp32 master weights); ZeRO-0 from the module weights when training ran
   in fp32, else from the fp32 masters DeepSpeed's optimizer saved, else (with a warning) the
   low-precision module weights upcast. The architecture comes from the run's ``config.yaml``.
-- An **exported file** (``launch/export.py``) is ``FILE.safetensors``: the fp32 encoder under
+- An **exported file** (``symmim-export``) is ``FILE.safetensors``: the fp32 encoder under
   timm's ViT names, beside ``FILE.json``: the architecture.
 
 Loading into an encoder refuses another architecture with a message naming the mismatch and
@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.config import ModelConfig, load_config
-from core.optim import param_groups
-from core.symmim import SymMIM
-from core.vit import VIT_SIZES, ViTEncoder
-from kernels.dispatch import Backends
+from symmim.core.config import ModelConfig, load_config
+from symmim.core.optim import param_groups
+from symmim.core.symmim import SymMIM
+from symmim.core.vit import VIT_SIZES, ViTEncoder
 
 log = logging.getLogger("symmim.pretrained")
 PREFIX = "encoder."  # the encoder's place in the pre-training module
@@ -99,7 +98,7 @@ def _stage0_masters(meta: dict, cfg) -> dict[str, Tensor] | None:
     if groups is None:
         return None
     with torch.device("meta"):
-        model = SymMIM(cfg, Backends("torch", "torch", "torch"))
+        model = SymMIM(cfg.model, cfg.loss)
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for g in param_groups(model, 0.0) for p in g["params"]]
     masters = [t for g in groups for t in g]

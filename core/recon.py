@@ -1,6 +1,7 @@
 """Reconstruction pictures: original | masked input | reconstruction, one row per image."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -8,9 +9,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from core.masking import Mask
-from core.patches import patchify, unpatchify
-from data.folder import MEAN, STD
+from symmim.core.masking import Mask, MaskGenerator
+from symmim.kernels.patches import patchify, unpatchify
+from symmim.data.folder import MEAN, STD
 
 
 def reconstruct(images: Tensor, pred: Tensor, mask: Mask, patch: int, norm_pix: bool) -> Tensor:
@@ -43,3 +44,23 @@ def save_recon_grid(images: Tensor, pred: Tensor, mask: Mask, patch: int, norm_p
     grid = Image.fromarray(np.concatenate(rows, axis=0))
     zoom = max(1, 128 // images.shape[-1])  # small training crops are enlarged to stay legible
     grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST).save(path)
+
+
+class ReconPictures:
+    """The epoch-end picture of a fixed set of images (rank 0): ``out_dir/epochNNNN_stepNNNNNNNN.png``.
+
+    ``predict(images, mask)`` is the model's pixel prediction ``[B, N, 3*p*p]``; each picture draws
+    its mask from ``masks`` (the online branch's strategy, its own seed).
+    """
+
+    def __init__(self, images: Tensor, masks: MaskGenerator, predict: Callable[[Tensor, Mask], Tensor], patch: int,
+                 norm_pix: bool, out_dir: Path):
+        self.images, self.masks, self.predict = images, masks, predict  # images [n, 3, S, S] on the model's device
+        self.patch, self.norm_pix, self.out_dir = patch, norm_pix, out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, pos) -> None:
+        mask = self.masks.online(self.images.shape[0])
+        pred = self.predict(self.images, mask)
+        save_recon_grid(self.images, pred, mask, self.patch, self.norm_pix,
+                        self.out_dir / f"epoch{pos.epoch:04d}_step{pos.step:08d}.png")

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.masking import Mask
-from core.vit import MAEDecoder, ViTEncoder
-from kernels import dispatch
-from kernels.dispatch import Backends
+from symmim.core.config import LossConfig, ModelConfig
+from symmim.core.masking import Mask
+from symmim.core.vit import MAEDecoder, ViTEncoder
+from symmim.kernels.dispatch import Backends
 
 
 def mlp_head(layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool) -> nn.Sequential:
@@ -51,32 +51,33 @@ def info_nce(q: Tensor, k_all: Tensor, offset: int, temperature: float) -> Tenso
 class SymMIM(nn.Module):
     """Online encoder + decoder (+ projector/predictor); ``forward`` returns the losses."""
 
-    def __init__(self, cfg, backends: Backends):
+    def __init__(self, model: ModelConfig, loss: LossConfig, backends: Backends = Backends()):
         super().__init__()
-        m = cfg.model
-        self.cfg = cfg
-        self.backends = backends
-        self.encoder = ViTEncoder(m.size, m.img_size, m.patch_size, backends)
+        self.loss_cfg = loss
+        self.patch = model.patch_size
+        self.encoder = ViTEncoder(model.size, model.img_size, model.patch_size, backends)
         self.decoder = MAEDecoder(
-            self.encoder.dim, m.decoder_dim, m.decoder_depth, m.decoder_heads, self.encoder.grid, m.patch_size, backends
+            self.encoder.dim, model.decoder_dim, model.decoder_depth, model.decoder_heads, self.encoder.grid, model.patch_size,
+            backends,
         )
-        self.contrastive = cfg.loss.con_weight > 0
+        self.loss_op = backends.norm_pix_loss_op
+        self.contrastive = loss.con_weight > 0
         if self.contrastive:
-            self.projector = mlp_head(3, self.encoder.dim, m.proj_hidden, m.proj_dim, last_bn=True)
-            self.predictor = mlp_head(2, m.proj_dim, m.proj_hidden, m.proj_dim, last_bn=False)
+            self.projector = mlp_head(3, self.encoder.dim, model.proj_hidden, model.proj_dim, last_bn=True)
+            self.predictor = mlp_head(2, model.proj_dim, model.proj_hidden, model.proj_dim, last_bn=False)
 
     def forward(self, images: Tensor, mask: Mask, keys: Tensor | None = None, key_offset: int = 0) -> dict[str, Tensor]:
         """images ``[B, 3, H, W]`` (fp32, normalised); keys ``[W*B, E]`` from the momentum branch."""
         latent = self.encoder(images, mask)  # [B, 1 + N_vis, D]
         pred = self.decoder(latent, mask)  # [B, N, 3*p*p]
-        loss_mim = dispatch.norm_pix_loss(pred, images, mask.mask, self.cfg.model.patch_size, self.cfg.loss.norm_pix, self.backends.ops)
+        loss_mim = self.loss_op(pred, images, mask.mask, self.patch, self.loss_cfg.norm_pix)  # masked patches only
         out = {"loss_mim": loss_mim, "pred": pred}
         if self.contrastive:
             if keys is None:
                 raise ValueError("the contrastive branch is on: forward needs the momentum keys")
             q = self.predictor(self.projector(latent[:, 0]))  # [B, E]
-            out["loss_con"] = info_nce(q, keys, key_offset, self.cfg.loss.temperature)
-            out["loss"] = loss_mim + self.cfg.loss.con_weight * out["loss_con"]
+            out["loss_con"] = info_nce(q, keys, key_offset, self.loss_cfg.temperature)
+            out["loss"] = loss_mim + self.loss_cfg.con_weight * out["loss_con"]
         else:
             out["loss_con"] = torch.zeros((), device=loss_mim.device)
             out["loss"] = loss_mim

@@ -2,18 +2,19 @@
 
 Parameter names follow timm's ``VisionTransformer`` (``cls_token``, ``pos_embed``,
 ``patch_embed.proj``, ``blocks.{i}.norm1``, ``blocks.{i}.attn.qkv`` ...), so exported
-weights load into timm without renaming. Hot-path ops go through ``kernels.dispatch``.
+weights load into timm without renaming. Each module takes its hot-path op (attention,
+LayerNorm, patch-gather-embed) from the resolved kernel backends when it is built.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from core.masking import Mask
-from kernels import dispatch
-from kernels.dispatch import Backends
+from symmim.core.masking import Mask
+from symmim.kernels.dispatch import Backends
 
 
 @dataclass(frozen=True)
@@ -49,33 +50,35 @@ def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> Tensor:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm through the kernel backend switch (timm parameter names)."""
+    """LayerNorm over the last dimension with the backend's op (timm parameter names)."""
 
-    def __init__(self, dim: int, backends: Backends, eps: float = 1e-6):
+    def __init__(self, dim: int, op: Callable[..., Tensor], eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
         self.eps = eps
-        self.backends = backends
+        self.op = op
 
     def forward(self, x: Tensor) -> Tensor:
-        return dispatch.layer_norm(x, self.weight, self.bias, self.eps, self.backends.layernorm)
+        return self.op(x, self.weight, self.bias, self.eps)
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, backends: Backends):
+    """Multi-head self-attention; ``op`` is the backend's ``(q, k, v) -> out`` on ``[B, H, N, d_h]``."""
+
+    def __init__(self, dim: int, heads: int, op: Callable[..., Tensor]):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.backends = backends
+        self.op = op
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, H, N, d_h]
-        out = dispatch.attention(qkv[0], qkv[1], qkv[2], self.backends.attention)  # [B, H, N, d_h]
+        out = self.op(qkv[0], qkv[1], qkv[2])  # [B, H, N, d_h]
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -109,9 +112,9 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, heads: int, backends: Backends, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
-        self.norm1 = LayerNorm(dim, backends)
-        self.attn = Attention(dim, heads, backends)
-        self.norm2 = LayerNorm(dim, backends)
+        self.norm1 = LayerNorm(dim, backends.layer_norm_op)
+        self.attn = Attention(dim, heads, backends.attention_op)
+        self.norm2 = LayerNorm(dim, backends.layer_norm_op)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -147,13 +150,13 @@ class ViTEncoder(nn.Module):
         s = VIT_SIZES[size]
         self.dim, self.patch = s.dim, patch
         self.grid = (img_size // patch, img_size // patch)
-        self.backends = backends
         self.patch_embed = PatchEmbed(patch, s.dim)
+        self.embed_op = backends.patch_embed_op  # visible patches -> tokens, fused where the backend is Triton
         self.cls_token = nn.Parameter(torch.zeros(1, 1, s.dim))
         self.register_buffer("pos_embed", sincos_pos_embed(s.dim, self.grid), persistent=True)  # [1, 1+N, D]
         rates = [drop_path * i / max(s.depth - 1, 1) for i in range(s.depth)]  # linear over depth
         self.blocks = nn.ModuleList(Block(s.dim, s.heads, backends, drop_path=r) for r in rates)
-        self.norm = LayerNorm(s.dim, backends)
+        self.norm = LayerNorm(s.dim, backends.layer_norm_op)
         _init_weights(self)
         nn.init.normal_(self.cls_token, std=0.02)
 
@@ -166,7 +169,7 @@ class ViTEncoder(nn.Module):
             mask = Mask(ids, torch.zeros(b, n, dtype=torch.bool, device=images.device), self.grid)
         w = self.patch_embed.proj
         pos = self.pos_embed.to(w.weight.dtype)  # [1, 1+N, D]
-        x = dispatch.patch_embed(images.to(pos.dtype), w.weight, w.bias, pos[0, 1:], mask, self.backends.ops)  # [B, N_vis, D]
+        x = self.embed_op(images.to(pos.dtype), w.weight, w.bias, pos[0, 1:], mask.ids_keep, mask.cell, mask.phase)  # [B, N_vis, D]
         cls = (self.cls_token + pos[:, :1]).expand(b, -1, -1).to(x.dtype)  # [B, 1, D]
         x = torch.cat([cls, x], dim=1)  # [B, 1 + N_vis, D]
         for blk in self.blocks:
@@ -183,7 +186,7 @@ class MAEDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed(dim, grid), persistent=True)  # [1, 1+N, Dd]
         self.blocks = nn.ModuleList(Block(dim, heads, backends) for _ in range(depth))
-        self.norm = LayerNorm(dim, backends)
+        self.norm = LayerNorm(dim, backends.layer_norm_op)
         self.pred = nn.Linear(dim, patch * patch * 3)
         _init_weights(self)
         nn.init.normal_(self.mask_token, std=0.02)

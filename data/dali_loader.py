@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,8 +21,11 @@ import torch.distributed as dist
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from data.folder import MEAN, STD, DataError, ImageList, batches_per_epoch
-from data.verify import Finding, find_truncated, verify_files
+from symmim.data.folder import MEAN, STD, DataError, ImageList, batches_per_epoch
+from symmim.data.verify import Finding, find_truncated, verify_files
+
+if TYPE_CHECKING:
+    from symmim.core.config import DataConfig
 
 log = logging.getLogger("symmim.data")
 
@@ -56,7 +60,7 @@ def _train_pipeline(source, shard_id, num_shards, size, scale, hflip, decode_dev
 def _broken_files_error(broken: list[Finding]) -> DataError:
     names = "; ".join(f"{f.path} ({f.detail})" for f in broken[:10])
     return DataError(f"cannot decode {len(broken)} file(s): {names}. "
-                     "Write an exclusion list with: python launch/verify_data.py DATA_ROOT")
+                     "Write an exclusion list with: symmim-verify-data DATA_ROOT")
 
 
 def _refuse_truncated(files: list[str], rank: int, world: int) -> None:
@@ -85,26 +89,28 @@ def webdataset_shards(root: str | Path) -> list[str]:
 class DaliLoader:
     """Per-rank batches from a DALI pipeline, as tensors on the training device."""
 
-    def __init__(self, source: ImageList | list[str], num_samples: int, cfg, size: int, rank: int, world: int, device: torch.device):
+    def __init__(self, source: ImageList | list[str], num_samples: int, data: DataConfig, size: int, batch: int,
+                 seed: int, rank: int, world: int, device: torch.device):
+        """``source`` is an ImageFolder list or WebDataset shard paths; ``data`` the config's data section."""
         self.device = torch.device(device)
         self.decode = "mixed" if self.device.type == "cuda" else "cpu"
-        self.batch = cfg.train.batch_size
+        self.batch = batch
         self.steps_per_epoch = batches_per_epoch(num_samples, world, self.batch)
         if isinstance(source, ImageList):
             # Shuffle the list once so DALI's contiguous shards mix classes on every rank.
-            perm = np.random.default_rng(cfg.train.seed).permutation(len(source))
+            perm = np.random.default_rng(seed).permutation(len(source))
             source = ImageList([source.files[i] for i in perm], [source.labels[i] for i in perm], source.classes)
-            if cfg.data.precheck:
+            if data.precheck:
                 _refuse_truncated(source.files, rank, world)
         self._build_args = dict(
-            source=source, shard_id=rank, num_shards=world, size=size, scale=cfg.data.crop_scale,
-            hflip=cfg.data.hflip, decode_device=self.decode, seed=cfg.train.seed + 1 + rank,  # reader and augmentations
-            batch_size=self.batch, num_threads=cfg.data.workers,
+            source=source, shard_id=rank, num_shards=world, size=size, scale=data.crop_scale,
+            hflip=data.hflip, decode_device=self.decode, seed=seed + 1 + rank,  # reader and augmentations
+            batch_size=self.batch, num_threads=data.workers,
             device_id=self.device.index if self.device.type == "cuda" else None,
         )
         self._restored = False
         self._iterator = self._make_iterator(None)
-        self.name = f"DALI ({cfg.data.format}, {cfg.data.workers} threads, decode={self.decode})"
+        self.name = f"DALI ({data.format}, {data.workers} threads, decode={self.decode})"
 
     def _make_iterator(self, checkpoint: bytes | None) -> DALIGenericIterator:
         if self.device.type == "cuda" and self.device.index is None:
@@ -125,7 +131,7 @@ class DaliLoader:
             if broken:
                 return _broken_files_error(broken)
         return DataError(f"DALI failed to read or decode this rank's data ({dali_says}); find the broken files and "
-                         "write an exclusion list with: python launch/verify_data.py DATA_ROOT")
+                         "write an exclusion list with: symmim-verify-data DATA_ROOT")
 
     def epoch(self, epoch: int, start_step: int = 0, stop_step: int | None = None) -> Iterator[torch.Tensor]:
         """This rank's batches ``[B, 3, S, S]`` from ``start_step`` up to ``stop_step`` (default

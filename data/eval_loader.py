@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.folder import DataError, ImageList, read_exclusions, scan_imagefolder
-from data.loader import data_root
-from data.torch_loader import center_crop, normalize, open_rgb, to_tensor
+from symmim.data.folder import DataError, ImageList, read_exclusions, scan_imagefolder
+from symmim.data.loader import data_root
+from symmim.data.torch_loader import center_crop, normalize, open_rgb, to_tensor
+
+if TYPE_CHECKING:
+    from symmim.core.config import DataConfig
 
 
-def train_val_splits(cfg) -> tuple[ImageList, ImageList]:
+def train_val_splits(data: DataConfig) -> tuple[ImageList, ImageList]:
     """The ``train/`` and ``val/`` ImageFolder splits of the run's data set (less ``data.exclude``)."""
-    root = data_root(cfg)
-    exclude = read_exclusions(root, cfg.data.exclude)
+    root = data_root(data)
+    exclude = read_exclusions(root, data.exclude)
     train, val = scan_imagefolder(root / "train", exclude), scan_imagefolder(root / "val", exclude)
     if train.classes != val.classes:
         raise DataError(f"{root}: train/ and val/ hold different classes ({len(train.classes)} vs {len(val.classes)} folders)")

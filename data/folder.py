@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-EXCLUDE_FILE = "symmim_exclude.txt"  # written by launch/verify_data.py
+EXCLUDE_FILE = "symmim_exclude.txt"  # written by symmim-verify-data
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, RGB, images in [0, 1]
 STD = (0.229, 0.224, 0.225)
 

@@ -1,16 +1,17 @@
 """WebDataset tar shards: write them from an ImageFolder tree, count their samples.
 
 Each sample is ``<key>.jpg`` plus ``<key>.cls`` (class index as text), the webdataset
-convention. ``python -m data.shards SRC OUT`` converts ``SRC/{train,val}`` folders.
+convention. ``symmim-make-shards SRC OUT`` converts ``SRC/{train,val}`` folders.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import sys
 import tarfile
 from pathlib import Path
 
-from data.folder import scan_imagefolder
+from symmim.data.folder import scan_imagefolder
 
 
 def write_shards(src: str | Path, out: str | Path, per_shard: int = 1000) -> list[Path]:
@@ -42,17 +43,18 @@ def count_samples(shards: list[str]) -> int:
     return total
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", help="ImageFolder root holding train/ (and val/)")
     parser.add_argument("out", help="output root: OUT/train/*.tar, OUT/val/*.tar")
     parser.add_argument("--per-shard", type=int, default=1000)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for split in ("train", "val"):
         if (Path(args.src) / split).is_dir():
             paths = write_shards(Path(args.src) / split, Path(args.out) / split, args.per_shard)
             print(f"{split}: {len(paths)} shards in {Path(args.out) / split}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,13 +8,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data.folder import MEAN, STD, DataError, ImageList, batches_per_epoch, scan_imagefolder
+from symmim.data.folder import MEAN, STD, DataError, ImageList, batches_per_epoch, scan_imagefolder
+
+if TYPE_CHECKING:
+    from symmim.core.config import DataConfig
 
 
 def random_resized_crop_box(
@@ -95,11 +99,12 @@ class TorchLoader:
     With ``labels=True`` (fine-tuning, linear probe) each batch is ``(images, labels)``.
     """
 
-    def __init__(self, items: ImageList, cfg, size: int, rank: int, world: int, device: torch.device, labels: bool = False):
-        self.dataset = _AugmentedImages(items, size, cfg.data.crop_scale, cfg.data.hflip, cfg.train.seed)
-        self.batch, self.workers = cfg.train.batch_size, cfg.data.workers
+    def __init__(self, items: ImageList, data: DataConfig, size: int, batch: int, seed: int, rank: int, world: int,
+                 device: torch.device, labels: bool = False):
+        self.dataset = _AugmentedImages(items, size, data.crop_scale, data.hflip, seed)
+        self.batch, self.workers = batch, data.workers
         self.rank, self.world, self.device = rank, world, torch.device(device)
-        self.seed = cfg.train.seed
+        self.seed = seed
         self.steps_per_epoch = batches_per_epoch(len(items), world, self.batch)
         self.labels = labels
         self.name = f"torch DataLoader ({self.workers} workers, PIL decode on cpu)"

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from symmim.kernels.triton_helpers import INTERPRET, autotune_configs, tensor_core_dtype
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -18,25 +19,7 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 MAX_HEAD_DIM = 128
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
-
-
-def tensor_core_dtype(dtype: torch.dtype):
-    """Operand dtype for ``tl.dot``: the input's, except fp32 for bf16 under the interpreter (wrong there)."""
-    if dtype == torch.float16:
-        return tl.float16
-    if dtype == torch.bfloat16 and not _INTERPRET:
-        return tl.bfloat16
-    return tl.float32
-
-
-def autotune_configs(gpu: list[tuple[int, ...]], names: tuple[str, ...] = ("BLOCK_M", "BLOCK_N")) -> list:
-    """Autotune candidates from rows ``(*block sizes named by names, warps, stages)`` aimed at Hopper;
-    under the interpreter a single tiny config (blocks of 16) so tests stay fast."""
-    table = [(16,) * len(names) + (1, 1)] if _INTERPRET else gpu
-    return [triton.Config(dict(zip(names, row[:-2], strict=True)), num_warps=row[-2], num_stages=row[-1])
-            for row in table]
 
 
 @triton.jit
@@ -182,7 +165,7 @@ class _Attention(torch.autograd.Function):
         b, h, n, d = q.shape
         sm_scale = 1.0 / math.sqrt(d)
         delta = torch.empty_like(lse)  # [B*H, N]
-        block = 16 if _INTERPRET else 64
+        block = 16 if INTERPRET else 64
         _attn_bwd_delta[(triton.cdiv(n, block), b * h)](
             o, do, delta, *o.stride(), *do.stride(), h, n, **_head(d), BLOCK_M=block,
         )

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from core.patches import patchify
+from symmim.kernels.patches import patchify
 
 
 def norm_pix_loss_reference(

@@ -1,7 +1,7 @@
 """Patch-gather-embed: visible patches of an image, projected and position-embedded.
 
 Patch vectors are flattened channel-major, ``(c, ph, pw)``, matching a ``Conv2d`` weight
-``[D, C, p, p]`` viewed as ``[D, C*p*p]`` (see ``core.patches``).
+``[D, C, p, p]`` viewed as ``[D, C*p*p]`` (see ``kernels/patches.py``).
 """
 from __future__ import annotations
 
@@ -10,14 +10,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from core.patches import patchify
-from kernels.attention import autotune_configs, tensor_core_dtype
+from symmim.kernels.patches import patchify
+from symmim.kernels.triton_helpers import autotune_configs, tensor_core_dtype
 
 
 def patch_embed_reference(
-    images: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor, ids_keep: Tensor
+    images: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor, ids_keep: Tensor,
+    cell: int | None = None, phase: Tensor | None = None,
 ) -> Tensor:
-    """Eager reference: ``[B, C, H, W]`` images -> ``[B, N_vis, D]`` visible tokens."""
+    """Eager reference: ``[B, C, H, W]`` images -> ``[B, N_vis, D]`` visible tokens.
+
+    Gathers through ``ids_keep`` always; ``cell`` and ``phase`` (the checkerboard's, which the
+    Triton kernel may use instead) are accepted so both backends share one signature.
+    """
     d, c, p, _ = weight.shape
     patches = patchify(images, p)  # [B, N, C*p*p]
     idx = ids_keep[..., None].expand(-1, -1, c * p * p)  # [B, N_vis, C*p*p]

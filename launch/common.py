@@ -1,29 +1,22 @@
-"""Pieces every training entry point shares: command line, logging, run position, exit codes."""
+"""Pieces every entry point shares: command line, logging, process group, run folder, exit codes."""
 from __future__ import annotations
 
 import argparse
 import faulthandler
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from core.checkpoint import CheckpointError, load_checkpoint
-from core.config import Config, ConfigError, load_config, save_config
-from core.distributed import DistInfo, init_distributed
-from core.metrics import truncate_metrics
-from core.pretrained import WeightsError
-from data.folder import DataError
-from kernels.dispatch import BackendError
+from symmim.core.checkpoint import CheckpointError
+from symmim.core.config import Config, ConfigError, load_config, save_config
+from symmim.core.distributed import DistInfo, init_distributed
+from symmim.core.loop import TrainingError
+from symmim.core.pretrained import WeightsError
+from symmim.data.folder import DataError
+from symmim.kernels.dispatch import BackendError
 
 log = logging.getLogger("symmim")
 BAD_INPUT = (ConfigError, DataError, BackendError, CheckpointError, WeightsError)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss stays non-finite)."""
 
 
 def run_parser(description: str, example_config: str) -> argparse.ArgumentParser:
@@ -43,16 +36,6 @@ def setup_logging(rank: int) -> None:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S", force=True,
     )
-
-
-@dataclass
-class Position:
-    """Where training stands; saved with every checkpoint."""
-
-    epoch: int = 0
-    micro: int = 0  # micro-batches consumed in this epoch (this rank)
-    step: int = 0  # optimizer steps
-    wall_s: float = 0.0  # training seconds, summed over resumed sessions
 
 
 def launch(args: argparse.Namespace, train: Callable[[Config, Path, DistInfo], None],
@@ -88,22 +71,3 @@ def launch(args: argparse.Namespace, train: Callable[[Config, Path, DistInfo], N
         log.exception("rank %d failed", rank)
         return 1
     return 0
-
-
-def resume(engine, run_dir: Path, arch: dict, rank: int) -> tuple[Position, dict, dict] | None:
-    """Restore the newest intact checkpoint of ``run_dir`` into ``engine`` (and this rank's torch RNG).
-
-    Returns ``(position, client_state, rank_state)``, or None when there is nothing to resume;
-    metrics logged after the restored step by a crashed session are dropped.
-    """
-    ckpt_dir = run_dir / "checkpoints"
-    restored = load_checkpoint(engine, ckpt_dir, arch)
-    if restored is None:
-        log.info("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
-        return None
-    client, own = restored
-    pos = Position(**client["position"])
-    torch.set_rng_state(own["torch_rng"])
-    if rank == 0:
-        truncate_metrics(run_dir / "metrics.jsonl", pos.step)
-    return pos, client, own

@@ -1,12 +1,12 @@
 """Export a pre-training run's encoder: fp32 safetensors with timm's ViT names, plus its architecture.
 
-    python launch/export.py runs/b16 --out exports/b16.safetensors            # latest checkpoint
-    python launch/export.py runs/b16 --tag step00012345 --out exports/b16_12345.safetensors
+    symmim-export runs/b16 --out exports/b16.safetensors            # latest checkpoint
+    symmim-export runs/b16 --tag step00012345 --out exports/b16_12345.safetensors
 
 Writes FILE.safetensors (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.{i}.*``,
 ``norm.*``; consolidated fp32 from any ZeRO stage) and FILE.json (size, width, depth, heads,
 patch and image size, MLP ratio, pooling, timm keyword arguments, source run and tag). The
-file loads into ``launch/knn.py``, ``launch/linprobe.py`` and ``launch/finetune.py`` (``--weights``)
+file loads into ``symmim-knn``, ``symmim-linprobe`` and ``symmim-finetune`` (``--weights``)
 and into ``timm.models.vision_transformer.VisionTransformer(**json["timm_kwargs"])``.
 """
 from __future__ import annotations
@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from core.config import ConfigError  # noqa: E402
-from core.pretrained import WeightsError, read_run, write_export  # noqa: E402
+from symmim.core.config import ConfigError
+from symmim.core.pretrained import WeightsError, read_run, write_export
 
 log = logging.getLogger("symmim")
 

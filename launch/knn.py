@@ -1,7 +1,7 @@
 """Weighted kNN accuracy of a pre-trained encoder's frozen features (k = 20, cosine, T = 0.07).
 
-    python launch/knn.py --config runs/tiny_cpu/config.yaml --weights runs/tiny_cpu
-    torchrun --nproc_per_node 8 launch/knn.py --config configs/vit_b16_symmim.yaml --weights exports/b16.safetensors
+    symmim-knn --config runs/tiny_cpu/config.yaml --weights runs/tiny_cpu
+    torchrun --nproc_per_node 8 -m symmim.launch.knn --config configs/vit_b16_symmim.yaml --weights exports/b16.safetensors
 
 The config gives the model (the weights must match it; another image size interpolates the
 position embedding), the data set (train/ is the memory bank, val/ the queries) and ``eval.*``
@@ -17,16 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from core.config import load_config  # noqa: E402
-from core.distributed import init_distributed  # noqa: E402
-from core.knn import knn_accuracy  # noqa: E402
-from core.pretrained import load_encoder_weights  # noqa: E402
-from core.train_step import DTYPES  # noqa: E402
-from core.vit import ViTEncoder  # noqa: E402
-from kernels.dispatch import resolve_backends  # noqa: E402
-from launch.common import BAD_INPUT, setup_logging  # noqa: E402
+from symmim.core.config import load_config
+from symmim.core.distributed import init_distributed
+from symmim.core.knn import knn_accuracy
+from symmim.core.pretrained import load_encoder_weights
+from symmim.core.engine import DTYPES
+from symmim.core.vit import ViTEncoder
+from symmim.kernels.dispatch import resolve_backends
+from symmim.launch.common import BAD_INPUT, setup_logging
 
 log = logging.getLogger("symmim")
 
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("kNN (k=%d, T=%g, pool=%s) on %s, %s, %d process(es)", cfg.eval.knn_k, cfg.eval.knn_temperature,
                  cfg.eval.pool, source, cfg.train.precision, dist_info.world)
         start = time.perf_counter()
-        result = knn_accuracy(encoder, cfg, dist_info)
+        result = knn_accuracy(encoder, cfg.eval, cfg.data, m.img_size, dist_info)
     except BAD_INPUT as err:
         log.error("%s", err)
         return 2

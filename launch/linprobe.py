@@ -1,18 +1,20 @@
 """Linear probe of a pre-trained encoder (MAE conventions): frozen encoder, BatchNorm without
 affine + linear head, LARS, warm-up then cosine; the loop, checkpoints and outputs of
-``launch/finetune.py``.
+``symmim-finetune``.
 
-    python launch/linprobe.py --config configs/linprobe_tiny_cpu.yaml --weights runs/tiny_cpu --output-dir runs/tiny_lin
-    deepspeed --num_gpus 8 launch/linprobe.py --config configs/vit_b16_linprobe.yaml --weights exports/b16.safetensors
+    symmim-linprobe --config configs/linprobe_tiny_cpu.yaml --weights runs/tiny_cpu --output-dir runs/tiny_lin
+    deepspeed --num_gpus 8 --module symmim.launch.linprobe --config configs/vit_b16_linprobe.yaml --weights exports/b16.safetensors
 """
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+from symmim.launch import finetune
 
-from launch.finetune import main  # noqa: E402
+
+def main(argv: list[str] | None = None) -> int:
+    return finetune.main(argv, linear_probe=True)
+
 
 if __name__ == "__main__":
-    sys.exit(main(linear_probe=True))
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """Scan an image data set for broken and unusual files; write the exclusion list.
 
-    python launch/verify_data.py /data/imagenet            # writes /data/imagenet/symmim_exclude.txt
-    python launch/verify_data.py ROOT --out bad.txt --workers 16
+    symmim-verify-data /data/imagenet            # writes /data/imagenet/symmim_exclude.txt
+    symmim-verify-data ROOT --out bad.txt --workers 16
 
 Broken files (zero bytes, not an image, truncated or corrupt) are listed, relative to ROOT,
 in the exclusion file, which the training and evaluation loaders skip (``data.exclude``,
@@ -16,10 +16,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.folder import EXCLUDE_FILE, IMAGE_SUFFIXES  # noqa: E402
-from data.verify import verify_files  # noqa: E402
+from symmim.data.folder import EXCLUDE_FILE, IMAGE_SUFFIXES
+from symmim.data.verify import verify_files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in findings:
         print(f"{'EXCLUDE' if f.broken else 'note   '}  {f.kind:12s} {Path(f.path).relative_to(root)}: {f.detail}")
     out = Path(args.out) if args.out else root / EXCLUDE_FILE
-    out.write_text("# written by launch/verify_data.py: files the loaders skip, relative to the data root\n"
+    out.write_text("# written by symmim-verify-data: files the loaders skip, relative to the data root\n"
                    + "".join(f"{Path(f.path).relative_to(root)}\n" for f in broken))
     counts = ", ".join(f"{n} {k}" for k, n in Counter(f.kind for f in findings).items()) or "nothing unusual"
     print(f"{len(paths)} files: {counts}; {len(broken)} excluded -> {out}")

@@ -10,7 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from data.embedded import ensure_embedded  # noqa: E402
+from symmim.data.embedded import ensure_embedded  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -89,8 +89,7 @@ def test_throughput_records_a_failed_run_and_measures_the_others(tmp_path):
 
 
 def test_a_failed_kernel_case_misses_its_target():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from benchmarks.kernels import mark_targets
+    from symmim.benchmarks.kernels import mark_targets
 
     rows = [{"kernel": "patch-embed", "model": "ViT-B", "shape": "random 75%", "pass": "error", "error": "boom"},
             {"kernel": "norm-pix loss", "model": "any", "shape": "s", "pass": "fwd+bwd", "triton_x_eager": 3.5}]

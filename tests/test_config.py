@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import Config, ConfigError, load_config, parse_override, save_config, validate
-from core.masking import checkerboard_masked_counts
+from symmim.core.config import Config, ConfigError, load_config, parse_override, save_config, validate
+from symmim.core.masking import checkerboard_masked_counts
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core.config import load_config
-from data.folder import MEAN, STD, DataError, batches_per_epoch, scan_imagefolder
-from data.shards import count_samples, write_shards
+from symmim.core.config import load_config
+from symmim.data.folder import MEAN, STD, DataError, batches_per_epoch, scan_imagefolder
+from symmim.data.shards import count_samples, write_shards
 
 COUNT = 42  # not a multiple of world * batch: the tail is dropped on every rank
 
@@ -55,28 +55,28 @@ def _assert_disjoint_shards(seen: list[list[int]]) -> None:
 
 
 def test_dali_imagefolder_shards_are_disjoint_and_exact(colour_folder):
-    from data.dali_loader import DaliLoader
+    from symmim.data.dali_loader import DaliLoader
 
     items = scan_imagefolder(colour_folder)
     cfg = _cfg("dali")
-    _assert_disjoint_shards(_epoch_ids(lambda r: DaliLoader(items, len(items), cfg, 16, r, 2, torch.device("cpu")), 0))
+    _assert_disjoint_shards(_epoch_ids(lambda r: DaliLoader(items, len(items), cfg.data, 16, 4, 0, r, 2, torch.device("cpu")), 0))
 
 
 def test_dali_webdataset_shards_are_disjoint_and_exact(colour_folder, tmp_path):
-    from data.dali_loader import DaliLoader
+    from symmim.data.dali_loader import DaliLoader
 
     shards = [str(p) for p in write_shards(colour_folder, tmp_path, per_shard=10)]
     assert len(shards) == 5 and count_samples(shards) == COUNT
     cfg = _cfg("dali")
-    _assert_disjoint_shards(_epoch_ids(lambda r: DaliLoader(shards, COUNT, cfg, 16, r, 2, torch.device("cpu")), 0))
+    _assert_disjoint_shards(_epoch_ids(lambda r: DaliLoader(shards, COUNT, cfg.data, 16, 4, 0, r, 2, torch.device("cpu")), 0))
 
 
 def test_torch_loader_shards_are_disjoint_exact_and_reshuffled(colour_folder):
-    from data.torch_loader import TorchLoader
+    from symmim.data.torch_loader import TorchLoader
 
     items = scan_imagefolder(colour_folder)
     cfg = _cfg("torch")
-    make = lambda r: TorchLoader(items, cfg, 16, r, 2, torch.device("cpu"))  # noqa: E731
+    make = lambda r: TorchLoader(items, cfg.data, 16, 4, 0, r, 2, torch.device("cpu"))  # noqa: E731
     first, second = _epoch_ids(make, 0), _epoch_ids(make, 1)
     _assert_disjoint_shards(first)
     _assert_disjoint_shards(second)
@@ -87,16 +87,16 @@ def test_torch_loader_shards_are_disjoint_exact_and_reshuffled(colour_folder):
 
 
 def test_dali_resumes_mid_epoch_from_its_checkpoint(colour_folder):
-    from data.dali_loader import DaliLoader
+    from symmim.data.dali_loader import DaliLoader
 
     items = scan_imagefolder(colour_folder)
     cfg = _cfg("dali")
-    loader = DaliLoader(items, len(items), cfg, 16, 0, 2, torch.device("cpu"))
+    loader = DaliLoader(items, len(items), cfg.data, 16, 4, 0, 0, 2, torch.device("cpu"))
     batches = loader.epoch(0)
     head = [next(batches) for _ in range(2)]
     state = loader.state_dict()
     tail = list(batches)
-    restored = DaliLoader(items, len(items), cfg, 16, 0, 2, torch.device("cpu"))
+    restored = DaliLoader(items, len(items), cfg.data, 16, 4, 0, 0, 2, torch.device("cpu"))
     restored.load_state_dict(state)
     again = list(restored.epoch(0, start_step=2))
     assert len(head) + len(tail) == 5
@@ -115,17 +115,17 @@ def test_data_errors_name_the_problem(tmp_path):
 
 def test_dali_next_epoch_is_complete_after_an_epoch_cut_short(colour_folder):
     """A consumer that stops early (grad accumulation) still gets full, fresh epochs after."""
-    from data.dali_loader import DaliLoader
+    from symmim.data.dali_loader import DaliLoader
 
     items = scan_imagefolder(colour_folder)
-    loader = DaliLoader(items, len(items), _cfg("dali"), 16, 0, 2, torch.device("cpu"))
+    loader = DaliLoader(items, len(items), _cfg("dali").data, 16, 4, 0, 0, 2, torch.device("cpu"))
     assert len(list(loader.epoch(0, 0, 3))) == 3
     second = [i for b in loader.epoch(1) for i in _ids(b)]
     assert len(second) == len(set(second)) == 20
 
 
 def test_excluded_files_are_skipped(colour_folder, tmp_path):
-    from data.folder import read_exclusions
+    from symmim.data.folder import read_exclusions
 
     listing = tmp_path / "skip.txt"
     listing.write_text("# broken\nc0/000.jpg\nc1/004.jpg  # trailing comment\n")

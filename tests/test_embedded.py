@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import embedded
-from data.embedded import CLASSES, MARKER, ensure_embedded
+from symmim.data import embedded
+from symmim.data.embedded import CLASSES, MARKER, ensure_embedded
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,17 +19,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pretrain_runs import metrics, untimed
 
-from core.classify import ViTClassifier, mix, soft_targets
-from core.config import load_config
-from core.distributed import DistInfo
-from core.knn import knn_accuracy, knn_scores, pool_features, topk_hits
-from core.optim import layer_decay_groups
-from core.pretrained import (ArchitectureError, interpolate_pos_embed, load_encoder_weights, model_architecture,
+from symmim.core.classify import ViTClassifier, mix, soft_targets
+from symmim.core.config import load_config
+from symmim.core.distributed import DistInfo
+from symmim.core.knn import knn_accuracy, knn_scores, pool_features, topk_hits
+from symmim.core.optim import layer_decay_groups
+from symmim.core.pretrained import (ArchitectureError, interpolate_pos_embed, load_encoder_weights, model_architecture,
                              write_export)
-from core.vit import ViTEncoder
-from kernels.dispatch import Backends
-from launch import export
+from symmim.core.vit import ViTEncoder
+from symmim.kernels.dispatch import Backends
+from symmim.launch import export
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH = Backends("torch", "sdpa", "torch")
@@ -124,7 +125,7 @@ def test_knn_accuracy_pipeline_known_answer(tmp_path):
     for pool in ("cls", "mean"):
         cfg = load_config(None, [f"data.root={tmp_path}", "model.img_size=16", "model.patch_size=8", "eval.batch_size=4",
                                  "data.workers=0", "eval.knn_k=3", f"eval.pool={pool}"])
-        assert knn_accuracy(MeanColour(), cfg, CPU) == {"knn_top1": 100.0, "knn_top5": 100.0}
+        assert knn_accuracy(MeanColour(), cfg.eval, cfg.data, 16, CPU) == {"knn_top1": 100.0, "knn_top5": 100.0}
 
 
 # ---------------------------------------------------------------- export and reload
@@ -224,12 +225,12 @@ def test_zero0_low_precision_masters_are_matched_by_name():
     """ZeRO-0 bf16 keeps one fp32 master per parameter in the optimizer's group order (checked on
     a real DeepSpeed checkpoint when this was written); they are named via core.optim.param_groups
     and must round to the saved bf16 weights, else the upcast module weights are the fallback."""
-    from core.optim import param_groups
-    from core.pretrained import _stage0_masters
-    from core.symmim import SymMIM
+    from symmim.core.optim import param_groups
+    from symmim.core.pretrained import _stage0_masters
+    from symmim.core.symmim import SymMIM
 
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", ["model.img_size=32", "loss.con_weight=0"])
-    model = SymMIM(cfg, TORCH)
+    model = SymMIM(cfg.model, cfg.loss, TORCH)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [[p.detach() + 1e-4 for p in g["params"]] for g in param_groups(model, 0.05)]  # not bf16-representable
     order = [names[id(p)] for g in param_groups(model, 0.05) for p in g["params"]]
@@ -316,12 +317,6 @@ def test_knn_script_writes_its_result(run, small_root):
     assert 0 <= result["knn_top1"] <= result["knn_top5"] <= 100 and result["k"] == 20 and result["pool"] == "cls"
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl without the timing fields."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("img_per_s", "wall_s")} for r in records]
-
-
 @pytest.mark.slow
 def test_finetune_steps_beat_chance_and_resume_exactly(exported, small_root, tmp_path):
     """20 fine-tuning steps (the preset's lr) from exported weights on 80 embedded images, scored
@@ -339,7 +334,7 @@ def test_finetune_steps_beat_chance_and_resume_exactly(exported, small_root, tmp
     _run("finetune.py", *args, "--output-dir", str(out))
     result = json.loads((out / "results.json").read_text())
     assert result["task"] == "finetune" and result["top1"] > 10.0, result
-    records = _metrics(out)
+    records = untimed(metrics(out))
     assert [r["step"] for r in records if "val_top1" in r] == [5, 10, 15, 20]
     assert records[-1]["val_top1"] == result["top1"]
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "latest").read_text().strip() == "step00000020"
@@ -352,12 +347,12 @@ def test_finetune_steps_beat_chance_and_resume_exactly(exported, small_root, tmp
     (resumed / "checkpoints" / "latest").write_text("step00000010")  # as after a crash
     proc = _run("finetune.py", *args, "--output-dir", str(resumed), "--resume")
     assert "resumed from" in proc.stderr
-    assert _metrics(resumed) == records
+    assert untimed(metrics(resumed)) == records
     assert json.loads((resumed / "results.json").read_text()) == result
 
 
 def test_time_to_accuracy_reads_the_knn_records(tmp_path, capsys):
-    from benchmarks import time_to_accuracy as tta
+    from symmim.benchmarks import time_to_accuracy as tta
 
     records = [{"step": 5, "loss": 1.0}, {"step": 31, "epoch": 1.0, "wall_s": 40.0, "knn_top1": 20.0, "knn_top5": 60.0},
                {"step": 62, "epoch": 2.0, "wall_s": 85.0, "knn_top1": 31.5, "knn_top5": 70.0}]

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 from pretrain_runs import PRETRAIN, ROOT, clean_env, free_port, metrics, quiet, run, untimed
 
-from data.folder import scan_imagefolder
-from data.verify import find_truncated, suspect
+from symmim.data.folder import scan_imagefolder
+from symmim.data.verify import find_truncated, suspect
 
 pytestmark = pytest.mark.slow
 SHORT = ("train.batch_size=32", "log.every_steps=1", "log.recon_images=0")

@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from core.config import load_config
-from core.flops import encoder_flops, train_flops_per_image
-from core.masking import random_mask
-from core.vit import ViTEncoder
-from kernels.dispatch import Backends
+from symmim.core.config import load_config
+from symmim.core.flops import encoder_flops, train_flops_per_image
+from symmim.core.masking import random_mask
+from symmim.core.vit import ViTEncoder
+from symmim.kernels.dispatch import Backends
 
 
 def test_encoder_flops_match_torch_flop_counter():

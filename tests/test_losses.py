@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from core.config import load_config
-from core.patches import patchify, unpatchify
-from core.symmim import MomentumBranch, SymMIM, info_nce
-from kernels.dispatch import Backends, norm_pix_loss
-from kernels.norm_pix_loss import norm_pix_loss_reference
+from symmim.core.config import load_config
+from symmim.kernels.patches import patchify, unpatchify
+from symmim.core.symmim import MomentumBranch, SymMIM, info_nce
+from symmim.kernels.dispatch import Backends
+from symmim.kernels.norm_pix_loss import norm_pix_loss_reference
 
 EPS = 1e-6
 SMALL = [
@@ -111,7 +111,7 @@ def test_dispatch_torch_loss_is_the_reference():
     img, pred = tensors(2, 3, 4, 2)
     mask = torch.tensor([[True, False, False, True], [False, True, True, True]])
     for norm_pix in (True, False):
-        assert torch.equal(norm_pix_loss(pred, img, mask, 2, norm_pix, "torch"),
+        assert torch.equal(Backends(ops="torch").norm_pix_loss_op(pred, img, mask, 2, norm_pix),
                            norm_pix_loss_reference(pred, img, mask, 2, norm_pix))
 
 
@@ -189,7 +189,8 @@ def test_info_nce_gradient_only_through_q():
 @pytest.fixture(scope="module")
 def online():
     torch.manual_seed(0)
-    return SymMIM(load_config(None, SMALL), Backends("torch", "torch", "torch"))
+    cfg = load_config(None, SMALL)
+    return SymMIM(cfg.model, cfg.loss, Backends("torch", "torch", "torch"))
 
 
 def scramble(model, seed):
@@ -269,7 +270,7 @@ def test_momentum_update_copies_bn_buffers(online):
 def test_momentum_update_from_bf16_online(online):
     momentum = MomentumBranch(online)
     scramble(online, seed=5)
-    low = SymMIM(online.cfg, online.backends)
+    low = SymMIM(load_config(None, SMALL).model, load_config(None, SMALL).loss)
     low.load_state_dict(online.state_dict())
     low = low.to(torch.bfloat16)
     momentum.update(low, 0.0)
@@ -287,6 +288,6 @@ def test_momentum_branch_has_no_trainable_params(online):
     names = {n.split(".")[0] for n, _ in momentum.named_parameters()}
     assert names == {"encoder", "projector"}  # no predictor, no decoder
     x = torch.randn(2, 3, 32, 32)
-    from core.masking import symmetric_mask
+    from symmim.core.masking import symmetric_mask
     keys = momentum(x, symmetric_mask(2, (4, 4), 2, 0, torch.device("cpu")), torch.float32)
     assert keys.shape == (2, 16) and not keys.requires_grad and keys.grad_fn is None

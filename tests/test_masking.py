@@ -3,8 +3,8 @@ ids_keep consistency, seeding and checkpointable random state."""
 import pytest
 import torch
 
-from core.config import MaskConfig
-from core.masking import (
+from symmim.core.config import MaskConfig
+from symmim.core.masking import (
     Mask,
     MaskGenerator,
     block_mask,

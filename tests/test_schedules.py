@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from core.config import load_config
-from core.optim import build_optimizer, param_groups
-from core.schedules import lr_at, momentum_at
-from core.symmim import SymMIM
-from kernels.dispatch import Backends
+from symmim.core.config import load_config
+from symmim.core.optim import build_optimizer, param_groups
+from symmim.core.schedules import lr_at, momentum_at
+from symmim.core.symmim import SymMIM
+from symmim.kernels.dispatch import Backends
 
 TOTAL, WARMUP, PEAK, FINAL = 100, 10, 1.0e-3, 1.0e-5
 
@@ -82,7 +82,8 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def model():
-    return SymMIM(load_config(None, SMALL), Backends("torch", "torch", "torch"))
+    cfg = load_config(None, SMALL)
+    return SymMIM(cfg.model, cfg.loss, Backends("torch", "torch", "torch"))
 
 
 def group_names(model, groups):
@@ -116,7 +117,8 @@ def test_param_groups(model):
 
 
 def test_param_groups_skip_frozen():
-    m = SymMIM(load_config(None, SMALL + ["loss.con_weight=0"]), Backends("torch", "torch", "torch"))
+    cfg = load_config(None, SMALL + ["loss.con_weight=0"])
+    m = SymMIM(cfg.model, cfg.loss, Backends("torch", "torch", "torch"))
     m.encoder.patch_embed.requires_grad_(False)
     m.encoder.cls_token.requires_grad_(False)
     decay, no_decay = group_names(m, param_groups(m, 0.1))
@@ -127,7 +129,7 @@ def test_param_groups_skip_frozen():
 
 def test_build_optimizer(model):
     cfg = load_config(None, SMALL + ["optim.betas=[0.8, 0.9]", "optim.weight_decay=0.1"])
-    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert all(g["betas"] == (0.8, 0.9) and g["lr"] == 0.0 for g in opt.param_groups)

@@ -1,6 +1,6 @@
 """End-to-end pre-training runs: plain python, torchrun and the DeepSpeed launcher, on CPU.
 
-Each run is the real ``launch/pretrain.py`` (DALI CPU pipeline, DeepSpeed engine) on the
+Each run is the real ``symmim.launch.pretrain`` (DALI CPU pipeline, DeepSpeed engine) on the
 embedded data set, cut to a few steps with ``train.max_steps``.
 """
 from __future__ import annotations
@@ -56,7 +56,8 @@ def test_resume_after_a_crash_replays_the_same_losses_bitwise(embedded_cache, tm
 def test_two_process_deepspeed_zero2_bf16_saves_resumes_and_continues(embedded_cache, tmp_path):
     launcher = shutil.which("deepspeed") or pytest.skip("deepspeed launcher not on PATH")
     run_dir = tmp_path / "ds"
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), PRETRAIN,
+    # The documented form: the DeepSpeed launcher runs the installed module on every rank.
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "symmim.launch.pretrain",
            *quiet(embedded_cache, "train.precision=bf16", "ds.zero_stage=2", "train.max_steps=8",
                    "train.ckpt_every_steps=4", "log.every_steps=2", "train.batch_size=32", "log.recon_images=2"),
            "--output-dir", str(run_dir)]
@@ -88,7 +89,7 @@ def test_two_process_deepspeed_zero2_bf16_saves_resumes_and_continues(embedded_c
 def test_torchrun_launch(embedded_cache, tmp_path):
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun not on PATH")
     run_dir = tmp_path / "tr"
-    run([torchrun, "--nproc_per_node", "1", "--master_port", str(free_port()), PRETRAIN,
+    run([torchrun, "--nproc_per_node", "1", "--master_port", str(free_port()), "-m", "symmim.launch.pretrain",
           *quiet(embedded_cache, "train.max_steps=3", "log.every_steps=1", "train.batch_size=16", "log.recon_images=0"),
           "--output-dir", str(run_dir)])
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels.attention import attention_reference, attention_triton
+from symmim.kernels.attention import attention_reference, attention_triton
 
 # fp32: ieee dots, only the summation order differs; fp16: P and dS are rounded to fp16 before
 # their matmuls (as flash attention does) and outputs are fp16; bf16: same with an 8-bit mantissa.

@@ -6,8 +6,8 @@ import importlib.util
 import pytest
 import torch
 
-from core.config import KernelsConfig
-from kernels.dispatch import BackendError, resolve_backends
+from symmim.core.config import KernelsConfig
+from symmim.kernels.dispatch import BackendError, resolve_backends
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 

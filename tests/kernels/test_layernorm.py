@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels.layernorm import layer_norm_reference, layer_norm_triton
+from symmim.kernels.layernorm import layer_norm_reference, layer_norm_triton
 
 # fp32: only the summation order differs; fp16: outputs and grads are rounded to fp16 (~5e-4 relative).
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2),

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.config import load_config
-from core.masking import MaskGenerator
-from core.symmim import MomentumBranch, SymMIM
-from kernels.dispatch import Backends
+from symmim.core.config import load_config
+from symmim.core.masking import MaskGenerator
+from symmim.core.symmim import MomentumBranch, SymMIM
+from symmim.kernels.dispatch import Backends
 
 TINY = ["model.size=micro", "model.img_size=32", "model.patch_size=8", "model.decoder_dim=48",
         "model.decoder_depth=1", "model.decoder_heads=2", "model.proj_hidden=64", "model.proj_dim=16"]
@@ -23,8 +23,8 @@ TINY = ["model.size=micro", "model.img_size=32", "model.patch_size=8", "model.de
 def test_symmim_loss_and_grads_match_between_backends(strategy, device):
     cfg = load_config(None, TINY + [f"mask.strategy={strategy}", "mask.ratio=0.6"])
     torch.manual_seed(0)
-    ref = SymMIM(cfg, Backends("torch", "torch", "torch")).to(device)
-    fused = SymMIM(cfg, Backends("triton", "triton", "triton")).to(device)
+    ref = SymMIM(cfg.model, cfg.loss, Backends("torch", "torch", "torch")).to(device)
+    fused = SymMIM(cfg.model, cfg.loss, Backends("triton", "triton", "triton")).to(device)
     fused.load_state_dict(ref.state_dict())
     images = torch.randn(3, 3, 32, 32, device=device)
     masks = MaskGenerator(cfg.mask, ref.encoder.grid, device, seed=1)
@@ -60,14 +60,14 @@ def test_bf16_vit_b_model_is_as_close_to_fp32_as_torch_bf16(strategy, device):
     sets = ["mask.ratio=0.75"] + (["mask.strategy=random", "loss.con_weight=0"] if strategy == "random" else [])
     cfg = load_config("configs/vit_b16_symmim.yaml", sets)
     torch.manual_seed(0)
-    ref = SymMIM(cfg, Backends("torch", "torch", "torch")).to(device)
+    ref = SymMIM(cfg.model, cfg.loss, Backends("torch", "torch", "torch")).to(device)
     images = torch.randn(4, 3, 224, 224, device=device)
     masks = MaskGenerator(cfg.mask, ref.encoder.grid, device, seed=1)
     online, momentum_mask = masks.online(4), (masks.momentum(4) if ref.contrastive else None)
     loss_ref, grads_ref = _loss_and_grads(ref, images, online, momentum_mask, torch.float32)
     results = {}
     for name, backends in (("torch", Backends("torch", "torch", "torch")), ("triton", Backends("triton", "triton", "triton"))):
-        model = SymMIM(cfg, backends).to(device)
+        model = SymMIM(cfg.model, cfg.loss, backends).to(device)
         model.load_state_dict(ref.state_dict())
         results[name] = _loss_and_grads(model.to(torch.bfloat16), images, online, momentum_mask, torch.bfloat16)
     (loss_torch, grads_torch), (loss_triton, grads_triton) = results["torch"], results["triton"]

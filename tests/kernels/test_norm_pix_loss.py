@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from core.masking import random_mask, symmetric_mask
-from kernels.norm_pix_loss import norm_pix_loss_reference, norm_pix_loss_triton
+from symmim.core.masking import random_mask, symmetric_mask
+from symmim.kernels.norm_pix_loss import norm_pix_loss_reference, norm_pix_loss_triton
 
 # The loss is fp32 in both; fp32 inputs: only the summation order differs; fp16 inputs are read
 # exactly, but the gradient is rounded to fp16 (~5e-4 relative); bf16 has an 8-bit mantissa.

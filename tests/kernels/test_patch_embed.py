@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from core.masking import random_mask, symmetric_mask
-from kernels.patch_embed import patch_embed_reference, patch_embed_triton
+from symmim.core.masking import random_mask, symmetric_mask
+from symmim.kernels.patch_embed import patch_embed_reference, patch_embed_triton
 
 # The reference runs in fp32 on the same (rounded) inputs. fp32: ieee dots, only the summation
 # order differs; fp16: the tokens and grads are rounded to fp16 (~5e-4 relative); bf16: same with

@@ -1,49 +1,29 @@
-"""The pre-training step shared by ``launch/pretrain.py`` and ``benchmarks/throughput.py``.
+"""The SymMIM pre-training step, shared by ``symmim-pretrain`` and ``benchmarks/throughput.py``.
 
 :func:`build_training` makes the model, the EMA branch, the mask generator and the
 DeepSpeed engine from a config; :meth:`Training.step` runs one micro-batch: masks, momentum
 keys (all-gathered), forward, backward, optimizer step and, on an accumulation boundary,
-the EMA update. An optional :class:`PhaseTimer` splits its time into phases.
+the EMA update. An optional :class:`PhaseTimer` splits its time into phases. ``Training`` owns
+its state (EMA branch, mask streams) and is the trainer that ``core.loop`` runs.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from core.config import Config
-from core.distributed import DistInfo, all_gather
-from core.masking import MaskGenerator
-from core.optim import build_optimizer
-from core.symmim import MomentumBranch, SymMIM
-from kernels.dispatch import Backends, resolve_backends
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def deepspeed_config(cfg: Config) -> dict:
-    """The DeepSpeed engine config generated from ours, with ``ds.extra`` merged on top."""
-    t = cfg.train
-    ds = {
-        "train_micro_batch_size_per_gpu": t.batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": cfg.optim.clip_grad,
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "zero_optimization": {"stage": cfg.ds.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,
-    }
-
-    def merge(base: dict, extra: dict) -> dict:
-        for k, v in extra.items():
-            base[k] = merge(base.get(k, {}), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-        return base
-
-    return merge(ds, cfg.ds.extra)
+from symmim.core.config import Config
+from symmim.core.distributed import DistInfo, all_gather, finite_on_every_rank
+from symmim.core.engine import DTYPES, build_engine
+from symmim.core.loop import Position
+from symmim.core.masking import Mask, MaskGenerator
+from symmim.core.optim import build_optimizer
+from symmim.core.symmim import MomentumBranch, SymMIM
+from symmim.kernels.dispatch import Backends, resolve_backends
 
 
 class PhaseTimer:
@@ -70,7 +50,8 @@ class PhaseTimer:
 
 @dataclass
 class Training:
-    cfg: Config
+    """The pre-training objects of one rank and the step that drives them."""
+
     dist: DistInfo
     backends: Backends
     model: SymMIM
@@ -79,6 +60,8 @@ class Training:
     engine: object  # deepspeed.DeepSpeedEngine
     optimizer: torch.optim.Optimizer
     dtype: torch.dtype
+    zero_stage: int
+    loss_names: ClassVar[tuple[str, ...]] = ("loss", "loss_mim", "loss_con")
 
     def step(self, images: Tensor, lr: float, ema_momentum: float, timer: PhaseTimer | None = None) -> dict:
         """One micro-batch ``[B, 3, S, S]``; returns the loss tensors and ``stepped`` / ``skipped``.
@@ -96,11 +79,8 @@ class Training:
             keys = all_gather(self.momentum(images, self.masks.momentum(batch), self.dtype))  # [W*B, E]
             mark("momentum_forward")
         out = self.engine(images, self.masks.online(batch), keys, self.dist.rank * batch)
-        finite = torch.isfinite(out["loss"].detach()).float()
-        if torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)  # every rank skips together
+        out["skipped"] = not finite_on_every_rank(out["loss"])
         mark("forward")
-        out["skipped"] = not bool(finite)
         out["stepped"] = False
         if out["skipped"]:
             return out
@@ -114,11 +94,36 @@ class Training:
             mark("ema")
         return out
 
+    def train_step(self, images: Tensor, lr: float, momentum: float, pos: Position) -> dict:
+        """:meth:`step` as ``core.loop`` calls it (the position does not change the step)."""
+        return self.step(images, lr, momentum)
+
+    @property
+    def encoder(self) -> torch.nn.Module:
+        """The online encoder (for evaluation)."""
+        return self.engine.module.encoder
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, mask: Mask) -> Tensor:
+        """The decoder's pixel predictions ``[B, N, 3*p*p]`` for ``images`` ``[B, 3, S, S]`` under ``mask``."""
+        module = self.engine.module
+        return module.decoder(module.encoder(images, mask), mask)
+
+    def state_dict(self) -> dict:
+        return {"momentum": self.momentum.state_dict() if self.momentum else None}
+
+    def rank_state_dict(self) -> dict:
+        return {"masks": self.masks.state_dict()}
+
+    def load_state_dict(self, state: dict, rank_state: dict) -> None:
+        if self.momentum is not None:
+            self.momentum.load_state_dict(state["momentum"])
+        self.masks.load_state_dict(rank_state["masks"])
 
     def _ema_update(self, momentum: float) -> None:
         """EMA step; under ZeRO-3 the online weights are gathered from their partitions first."""
         module = self.engine.module
-        if self.cfg.ds.zero_stage != 3:
+        if self.zero_stage != 3:
             self.momentum.update(module, momentum)
             return
         import deepspeed
@@ -135,15 +140,13 @@ def architecture(cfg: Config) -> dict:
 
 def build_training(cfg: Config, dist: DistInfo) -> Training:
     """Model, EMA branch, masks and DeepSpeed engine for ``cfg`` on ``dist.device``."""
-    import deepspeed
-
     device = dist.device
     dtype = DTYPES[cfg.train.precision]
     backends = resolve_backends(cfg.kernels, device)
-    model = SymMIM(cfg, backends).to(device)
+    model = SymMIM(cfg.model, cfg.loss, backends).to(device)
     momentum = MomentumBranch(model).to(device) if model.contrastive else None  # fp32 copy
     model.to(dtype)  # buffers too (BatchNorm statistics, position tables): DeepSpeed casts parameters only
     masks = MaskGenerator(cfg.mask, model.encoder.grid, device, seed=cfg.train.seed * 1000 + dist.rank)
-    optimizer = build_optimizer(model, cfg, device)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
-    return Training(cfg, dist, backends, model, momentum, masks, engine, optimizer, dtype)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    engine, optimizer = build_engine(model, optimizer, cfg)
+    return Training(dist, backends, model, momentum, masks, engine, optimizer, dtype, cfg.ds.zero_stage)

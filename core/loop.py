@@ -1,0 +1,296 @@
+"""The training loop every launcher shares: epochs of micro-batches, the logging window, the
+stop policy and checkpoints.
+
+A :class:`Trainer` is what the loop trains (the SymMIM pre-training step, the classifier of
+fine-tuning and the linear probe): it runs one micro-batch and owns its state. The loop owns
+the :class:`Position` in the run, takes the lr and EMA momentum of each step from the
+:class:`~symmim.core.schedules.Schedule`, writes ``metrics.jsonl`` and the progress bar, runs
+the periodic :class:`Evaluation`, and saves and restores ``checkpoints/`` with the trainer's
+and the loader's state. It stops, with a checkpoint, at the end of the schedule, on SIGTERM or
+SIGINT, after ``train.time_limit_min``, and (raising :class:`TrainingError`) after
+``train.max_nonfinite`` non-finite losses in a row.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from symmim.core.checkpoint import load_checkpoint, save_checkpoint
+from symmim.core.config import LogConfig, TrainConfig
+from symmim.core.distributed import DistInfo, mean_across_ranks
+from symmim.core.flops import peak_flops
+from symmim.core.metrics import MetricsLog, truncate_metrics
+from symmim.core.schedules import Schedule
+
+log = logging.getLogger("symmim")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stays non-finite)."""
+
+
+@dataclass
+class Position:
+    """Where training stands; saved with every checkpoint."""
+
+    epoch: int = 0
+    micro: int = 0  # micro-batches consumed in this epoch (this rank)
+    step: int = 0  # optimizer steps
+    wall_s: float = 0.0  # training seconds, summed over resumed sessions, evaluation excluded
+
+
+class Trainer(Protocol):
+    """What the loop trains."""
+
+    engine: Any  # the DeepSpeed engine: its state goes into every checkpoint
+    loss_names: tuple[str, ...]  # the loss tensors ``train_step`` returns, in logging order
+
+    def train_step(self, batch: Any, lr: float, momentum: float, pos: Position) -> dict:
+        """One micro-batch: the loss tensors, ``stepped`` (the optimizer stepped) and ``skipped``
+        (a non-finite loss on some rank: no update on any rank)."""
+
+    def state_dict(self) -> dict:
+        """State every rank shares (saved once, beside the engine's)."""
+
+    def rank_state_dict(self) -> dict:
+        """This rank's own state (e.g. its random streams)."""
+
+    def load_state_dict(self, state: dict, rank_state: dict) -> None: ...
+
+
+class Loader(Protocol):
+    steps_per_epoch: int
+
+    def epoch(self, epoch: int, start_step: int = 0, stop_step: int | None = None) -> Iterator: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class Evaluation:
+    """Metrics computed every ``every_epochs`` epochs, at the end of the run and before a time-limit
+    stop; every rank calls ``run``. Its time does not count toward ``wall_s``."""
+
+    run: Callable[[], dict[str, float]]
+    every_epochs: int
+
+
+class StopSignals:
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and returns."""
+
+    def __init__(self):
+        self.name: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.name = signal.Signals(signum).name
+
+
+class _Window:
+    """Loss sums, data wait and skipped micro-batches over one logging interval."""
+
+    def __init__(self, names: tuple[str, ...], device: torch.device):
+        self.names = names
+        self.sums = torch.zeros(len(names), device=device)  # stays on the device until logged
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.start, self.wait, self.micro, self.skipped = time.perf_counter(), 0.0, 0, 0
+
+    def add(self, out: dict) -> None:
+        self.sums += torch.stack([out[n] for n in self.names]).detach().float()
+        self.micro += 1
+
+
+class TrainLoop:
+    """Trains ``trainer`` on ``loader`` along ``schedule``; run-folder outputs under ``run_dir``."""
+
+    def __init__(self, trainer: Trainer, loader: Loader, schedule: Schedule, run_dir: Path, dist: DistInfo,
+                 train: TrainConfig, log_cfg: LogConfig, arch: dict, evaluation: Evaluation | None = None,
+                 epoch_end: Callable[[Position], None] | None = None, flops_per_image: float | None = None):
+        self.trainer, self.loader, self.schedule, self.dist = trainer, loader, schedule, dist
+        self.run_dir, self.train, self.log_cfg, self.arch = run_dir, train, log_cfg, arch
+        self.evaluation, self.epoch_end = evaluation, epoch_end
+        cuda = dist.device.type == "cuda"
+        self.flops_per_image = flops_per_image
+        self.peak_flops = peak_flops(torch.cuda.get_device_name(dist.device)) if cuda else None  # for the MFU field
+        self.pos = Position()
+        self.last_eval: dict[str, float] | None = None
+        self.stop = StopSignals()
+
+    # ---- the run ----
+
+    def run(self, resume: bool) -> dict[str, float] | None:
+        """Train to the end of the schedule or a stop; returns the last evaluation's metrics."""
+        from tqdm import tqdm
+
+        if resume:
+            self._restore()
+        main = self.dist.is_main
+        self.metrics = MetricsLog(self.run_dir, enabled=main, tensorboard=self.log_cfg.tensorboard)
+        self.bar = tqdm(total=self.schedule.total_steps, initial=self.pos.step, unit="step", dynamic_ncols=True,
+                        disable=not main or not self.log_cfg.progress)
+        self.window = _Window(self.trainer.loss_names, self.dist.device)
+        self.nonfinite_run, self.lr = 0, 0.0
+        self.session_start, self.wall_at_start = time.perf_counter(), self.pos.wall_s
+        self.last_ckpt_time = time.perf_counter()
+        try:
+            while self.pos.step < self.schedule.total_steps and self.pos.epoch < self.schedule.epochs:
+                if self._run_epoch():
+                    return self.last_eval
+                self._end_epoch()
+            log.info("done: %d steps; run folder %s", self.pos.step, self.run_dir)
+        finally:
+            self.bar.close()
+            self.metrics.close()
+        return self.last_eval
+
+    def _run_epoch(self) -> bool:
+        """Micro-batches to the end of this epoch or of the run; True when a stop request ended the run."""
+        pos, schedule, window = self.pos, self.schedule, self.window
+        self.trainer.engine.train()
+        batches = self.loader.epoch(pos.epoch, pos.micro, schedule.micro_per_epoch)
+        while pos.micro < schedule.micro_per_epoch:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            window.wait += time.perf_counter() - t0
+            self.lr = schedule.lr(pos.step)
+            out = self.trainer.train_step(batch, self.lr, schedule.momentum(pos.step + 1), pos)
+            pos.micro += 1
+            if out["skipped"]:
+                self._nonfinite()
+                continue
+            self.nonfinite_run = 0
+            window.add(out)
+            if not out["stepped"]:
+                continue
+            pos.step += 1
+            pos.wall_s = self.wall_at_start + time.perf_counter() - self.session_start
+            self.bar.update(1)
+            last = pos.step >= schedule.total_steps
+            if pos.step % self.log_cfg.every_steps == 0 or last:
+                self._log_window()
+            if self._stop_or_checkpoint(last):
+                return True
+            if last:
+                break
+        return False
+
+    def _end_epoch(self) -> None:
+        """A finished epoch (or the run's last, partial one): evaluation when due, the epoch hook, a checkpoint."""
+        pos = self.pos
+        completed = pos.micro >= self.schedule.micro_per_epoch
+        if completed:
+            pos.epoch, pos.micro = pos.epoch + 1, 0
+        ev = self.evaluation
+        if ev and ev.every_epochs and ((completed and pos.epoch % ev.every_epochs == 0)
+                                       or pos.step >= self.schedule.total_steps):
+            self.session_start += self._evaluate()  # wall_s counts training, not evaluation
+        if self.epoch_end:
+            self.epoch_end(pos)
+        self._checkpoint()
+        self.last_ckpt_time = time.perf_counter()
+
+    # ---- logging, evaluation ----
+
+    def _epoch_float(self) -> float:
+        return self.pos.epoch + self.pos.micro / self.schedule.micro_per_epoch
+
+    def _log_window(self) -> None:
+        w, world = self.window, self.dist.world
+        means = (mean_across_ranks(w.sums) / max(w.micro, 1)).tolist()
+        elapsed = time.perf_counter() - w.start
+        img_per_s = w.micro * self.train.batch_size * world / elapsed
+        record = {"step": self.pos.step, "epoch": self._epoch_float(), **dict(zip(w.names, means)), "lr": self.lr,
+                  "img_per_s": img_per_s, "data_wait_frac": w.wait / elapsed, "nonfinite_skipped": w.skipped,
+                  "wall_s": self.pos.wall_s}
+        if self.flops_per_image and self.peak_flops:
+            record["mfu"] = self.flops_per_image * img_per_s / world / self.peak_flops
+        self.metrics.log(record)
+        self.bar.set_postfix(loss=f"{means[0]:.4f}", img_s=f"{img_per_s:.0f}")
+        w.reset()
+
+    def _evaluate(self) -> float:
+        """Run and log the evaluation; returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.last_eval = self.evaluation.run()
+        self.metrics.log({"step": self.pos.step, "epoch": self._epoch_float(), "wall_s": self.pos.wall_s,
+                          **self.last_eval})
+        log.info("step %d: %s", self.pos.step, ", ".join(f"{k} {v:.2f}" for k, v in self.last_eval.items()))
+        return time.perf_counter() - t0
+
+    # ---- stop policy ----
+
+    def _nonfinite(self) -> None:
+        pos = self.pos
+        self.window.skipped += 1
+        self.nonfinite_run += 1
+        log.warning("non-finite loss at step %d (epoch %d, micro-batch %d): step skipped", pos.step, pos.epoch, pos.micro)
+        if self.nonfinite_run >= self.train.max_nonfinite:
+            path = self._checkpoint(self.run_dir / "debug")
+            raise TrainingError(f"loss non-finite for {self.nonfinite_run} micro-batches in a row, last at step "
+                                f"{pos.step}; debug checkpoint: {path}")
+
+    def _stop_or_checkpoint(self, last: bool) -> bool:
+        """After an optimizer step: stop (True) on a signal or the time limit, or checkpoint when due.
+
+        Every rank must agree: rank 0's clocks decide, a signal on any rank counts.
+        """
+        t, now = self.train, time.perf_counter()
+        flags = torch.tensor([
+            self.stop.name is not None,
+            t.time_limit_min > 0 and self.pos.wall_s - self.wall_at_start >= t.time_limit_min * 60,
+            t.ckpt_every_min > 0 and now - self.last_ckpt_time >= t.ckpt_every_min * 60,
+        ], dtype=torch.float32, device=self.dist.device)
+        if self.dist.world > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        signalled, out_of_time, ckpt_due = flags.bool().tolist()
+        if signalled or out_of_time:
+            if out_of_time and self.evaluation and self.evaluation.every_epochs:
+                self._evaluate()  # a budgeted run ends with an evaluation
+            path = self._checkpoint()
+            reason = (f"received {self.stop.name or 'a stop signal on another rank'}" if signalled
+                      else f"time limit of {t.time_limit_min} min reached")
+            log.info("%s: stopped at step %d, checkpoint %s; continue with --resume", reason, self.pos.step, path)
+            return True
+        if (t.ckpt_every_steps and self.pos.step % t.ckpt_every_steps == 0 and not last) or ckpt_due:
+            self._checkpoint()
+            self.last_ckpt_time = time.perf_counter()
+        return False
+
+    # ---- checkpoints ----
+
+    def _checkpoint(self, directory: Path | None = None) -> Path:
+        """Save the engine, the trainer's and loader's state and the position (every rank)."""
+        shared = {"position": vars(self.pos).copy(), **self.trainer.state_dict()}
+        own = {**self.trainer.rank_state_dict(), "loader": self.loader.state_dict(), "torch_rng": torch.get_rng_state()}
+        path = save_checkpoint(self.trainer.engine, directory or self.run_dir / "checkpoints", self.pos.step, shared, own,
+                               self.arch, self.train.keep_checkpoints)
+        log.info("checkpoint saved: %s", path)
+        return path
+
+    def _restore(self) -> None:
+        """Continue from the newest intact checkpoint; metrics a crashed session logged after it are dropped."""
+        ckpt_dir = self.run_dir / "checkpoints"
+        restored = load_checkpoint(self.trainer.engine, ckpt_dir, self.arch)
+        if restored is None:
+            log.info("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
+            return
+        shared, own = restored
+        self.pos = Position(**shared["position"])
+        torch.set_rng_state(own["torch_rng"])
+        if self.dist.is_main:
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.pos.step)
+        self.trainer.load_state_dict(shared, own)
+        self.loader.load_state_dict(own.get("loader", {}))
