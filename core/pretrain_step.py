@@ -64,35 +64,48 @@ class Training:
     loss_names: ClassVar[tuple[str, ...]] = ("loss", "loss_mim", "loss_con")
 
     def step(self, images: Tensor, lr: float, ema_momentum: float, timer: PhaseTimer | None = None) -> dict:
-        """One micro-batch ``[B, 3, S, S]``; returns the loss tensors and ``stepped`` / ``skipped``.
+        """One micro-batch ``[B, 3, S, S]``: :meth:`forward_backward`, then :meth:`optimizer_step` unless
+        the loss was non-finite on some rank; returns the loss tensors and ``stepped`` / ``skipped``."""
+        out = self.forward_backward(images, timer)
+        if not out["skipped"]:
+            out["stepped"] = self.optimizer_step(lr, ema_momentum, timer)
+        return out
 
-        A non-finite loss on any rank skips this micro-batch's backward and update on every
-        rank (``skipped``); ``stepped`` says whether the optimizer stepped. That check is the
-        step's one host sync: it must be decided before backward, on every rank alike.
+    def forward_backward(self, images: Tensor, timer: PhaseTimer | None = None) -> dict:
+        """Masks, momentum keys (gathered from every rank), forward and backward of ``images`` ``[B, 3, S, S]``.
+
+        A non-finite loss on any rank skips the backward on every rank (``skipped``); that check
+        is the step's one host sync: it must be decided before backward, on every rank alike.
+        After the backward that ends an accumulation round the gradients are reduced across ranks.
         """
         mark = timer.mark if timer else (lambda phase: None)
         batch = images.shape[0]
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         keys = None
         if self.momentum is not None:
             keys = all_gather(self.momentum(images, self.masks.momentum(batch), self.dtype))  # [W*B, E]
             mark("momentum_forward")
         out = self.engine(images, self.masks.online(batch), keys, self.dist.rank * batch)
         out["skipped"] = not finite_on_every_rank(out["loss"])
-        mark("forward")
         out["stepped"] = False
-        if out["skipped"]:
-            return out
-        self.engine.backward(out["loss"])
-        mark("backward")
-        out["stepped"] = self.engine.is_gradient_accumulation_boundary()
+        mark("forward")
+        if not out["skipped"]:
+            self.engine.backward(out["loss"])
+            mark("backward")
+        return out
+
+    def optimizer_step(self, lr: float, ema_momentum: float, timer: PhaseTimer | None = None) -> bool:
+        """The engine's step at ``lr`` (it updates only at the end of an accumulation round) and then
+        the EMA update with ``ema_momentum``; returns whether the optimizer stepped."""
+        mark = timer.mark if timer else (lambda phase: None)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        stepped = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
         mark("optimizer")
-        if out["stepped"] and self.momentum is not None:
+        if stepped and self.momentum is not None:
             self._ema_update(ema_momentum)
             mark("ema")
-        return out
+        return stepped
 
     def train_step(self, images: Tensor, lr: float, momentum: float, pos: Position) -> dict:
         """:meth:`step` as ``core.loop`` calls it (the position does not change the step)."""
@@ -143,7 +156,9 @@ def build_training(cfg: Config, dist: DistInfo) -> Training:
     device = dist.device
     dtype = DTYPES[cfg.train.precision]
     backends = resolve_backends(cfg.kernels, device)
-    model = SymMIM(cfg.model, cfg.loss, backends).to(device)
+    with torch.random.fork_rng(devices=[]):  # one initialisation on every rank: the EMA branch copies it
+        torch.manual_seed(cfg.train.seed)
+        model = SymMIM(cfg.model, cfg.loss, backends).to(device)
     momentum = MomentumBranch(model).to(device) if model.contrastive else None  # fp32 copy
     model.to(dtype)  # buffers too (BatchNorm statistics, position tables): DeepSpeed casts parameters only
     masks = MaskGenerator(cfg.mask, model.encoder.grid, device, seed=cfg.train.seed * 1000 + dist.rank)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -22,16 +24,47 @@ from symmim.core.vit import MAEDecoder, ViTEncoder
 from symmim.kernels.dispatch import Backends
 
 
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the global batch, every rank's samples (MoCo v3
+    runs its heads under SyncBatchNorm, which has no CPU path); one process: plain BatchNorm1d.
+
+    Two differentiable all-reduces (the sums, then the squared deviations from the global mean:
+    two passes, no cancellation) make the gradients flow across ranks as they would through the
+    statistics of one process holding the whole batch.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        c = x.shape[1]
+        xf = x.float()  # [B, C]
+        count = torch.tensor([float(x.shape[0])], device=x.device)
+        sums = dist_nn.all_reduce(torch.cat([xf.sum(0), count]))  # [C + 1] over every rank
+        n = sums[c].detach()
+        mean = sums[:c] / n  # [C]
+        var = dist_nn.all_reduce((xf - mean).pow(2).sum(0)) / n  # [C] biased, for normalising
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), m)  # unbiased, as torch
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight.float() + self.bias.float()
+        return y.to(x.dtype)
+
+
 def mlp_head(layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool) -> nn.Sequential:
-    """MoCo v3 MLP: Linear-BN-ReLU blocks, a last Linear, optionally a BN without affine."""
+    """MoCo v3 MLP: Linear-BN-ReLU blocks, a last Linear, optionally a BN without affine (global-batch BN)."""
     mods: list[nn.Module] = []
     for i in range(layers):
         last = i == layers - 1
         mods.append(nn.Linear(in_dim if i == 0 else hidden, out_dim if last else hidden, bias=False))
         if not last:
-            mods += [nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+            mods += [GlobalBatchNorm1d(hidden), nn.ReLU(inplace=True)]
         elif last_bn:
-            mods.append(nn.BatchNorm1d(out_dim, affine=False))
+            mods.append(GlobalBatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*mods)
 
 
