@@ -8,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from symmim.core.config import load_config
+from symmim.core.flops import train_flops_per_image
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,14 +29,25 @@ def _run_quick(script: str, tmp_path: Path, *args: str) -> dict:
 
 
 def test_kernels_quick(tmp_path):
+    """Every kernel is timed against its references, the ratios are the timings' ratios, and each
+    target is marked from the row it names."""
     record = _run_quick("kernels", tmp_path)
-    assert {r["kernel"] for r in record["rows"]} == {"attention", "patch-embed", "norm-pix loss", "layernorm"}
-    for row in record["rows"]:
-        assert row["eager_ms"] > 0 and row["triton_ms"] > 0 and row["triton_x_eager"] > 0, row
+    rows = record["rows"]
+    assert {r["kernel"] for r in rows} == {"attention", "patch-embed", "norm-pix loss", "layernorm"}
+    assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"} and "error" not in {r["pass"] for r in rows}
+    for row in rows:
+        assert row["triton_x_eager"] == pytest.approx(row["eager_ms"] / row["triton_ms"]), row
         if row["kernel"] == "attention":
-            assert row["sdpa_ms"] > 0 and row["triton_x_sdpa"] > 0 and row["triton_TFLOP/s"] > 0, row
+            assert row["triton_x_sdpa"] == pytest.approx(row["sdpa_ms"] / row["triton_ms"]), row
+            assert row["triton_TFLOP/s"] == pytest.approx(row["eager_TFLOP/s"] * row["eager_ms"] / row["triton_ms"]), row
+    # 32 px, patch 8: 16 patches; the checkerboard keeps 8 visible, random 75% keeps 4
+    assert {r["shape"] for r in rows if r["kernel"] == "patch-embed"} == {"symmetric cell 1 (8 vis)", "random 75% (4 vis)"}
     # patch-embed x2 masks, loss, attention at half and all patches visible
-    assert len(record["targets"]) == 5 and all(isinstance(t["met"], bool) for t in record["targets"])
+    assert len(record["targets"]) == 5
+    for target in record["targets"]:
+        need = float(target["target"].split(">= ")[1].split("x")[0])
+        assert target["met"] == (target["measured"] >= need), target
+        assert any(target["measured"] in (r.get("triton_x_eager"), r.get("triton_x_sdpa")) for r in rows), target
 
 
 def test_kernels_refuses_bf16_on_cpu():
@@ -45,11 +61,12 @@ def test_dataloader_quick(tmp_path, embedded_cache):
     assert len(record["rows"]) == 2  # photo-like JPEGs and the embedded set
     dali = importlib.util.find_spec("nvidia.dali") is not None
     for row in record["rows"]:
-        assert row["torch_img_s"] > 0, row
+        assert row["batches"] >= 1 and row["files"] >= row["batches"], row
         if dali:
-            assert row["dali_img_s"] > 0 and row["dali_over_torch"] > 0, row
+            assert row["dali_over_torch"] == pytest.approx(row["dali_img_s"] / row["torch_img_s"]), row
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
     """The GPU machine's script runs all its steps at tiny shapes on CPU and writes its files."""
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
@@ -63,10 +80,13 @@ def test_gpu_check_dry_run(tmp_path):
     assert {(r["variant"], r["system"]) for r in record["rows"]} == {
         (v, s) for v in ("symmim", "random75") for s in ("optimized", "reference")}
     assert "partial" not in record and not record["failed"]
+    flops = {v: train_flops_per_image(load_config("tiny_cpu", sets)) / 1e9 for v, sets in
+             (("symmim", []), ("random75", ["mask.strategy=random", "mask.ratio=0.75", "loss.con_weight=0"]))}
     for row in record["rows"]:
-        assert row["img_per_s"] > 0 and row["gflop_per_img"] > 0 and abs(sum(row["split"].values()) - 1) < 1e-6
-        assert row["profile"]["ops"] and all(op["ms_per_step"] >= 0 for op in row["profile"]["ops"]), row["profile"]
-    assert record["ratios"]["symmim_vs_random75_flops"] > 1
+        assert row["img_per_s"] == pytest.approx(8 * 1e3 / row["step_ms"]), row  # --quick: batch 8
+        assert row["gflop_per_img"] == pytest.approx(flops[row["variant"]]) and row["mfu"] is None, row  # CPU: no peak
+        assert abs(sum(row["split"].values()) - 1) < 1e-6 and row["profile"]["ops"], row
+    assert record["ratios"]["symmim_vs_random75_flops"] == pytest.approx(flops["symmim"] / flops["random75"])
     assert {r["backends"] for r in record["rows"]} == {"kernels: ops=torch attention=sdpa layernorm=torch",
                                                       "kernels: ops=torch attention=torch layernorm=torch"}
     triton = json.loads((tmp_path / "gpu_throughput_triton_all.json").read_text())

@@ -35,7 +35,8 @@ def _check(leaf, split, reference_dtype=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "batch, heads, tokens, head_dim",
-    [(1, 1, 7, 16), (2, 3, 13, 32), (1, 2, 50, 24), (1, 1, 37, 64), (1, 2, 99, 64)],
+    [(1, 1, 7, 16), (2, 3, 13, 32), (1, 2, 50, 24), (1, 1, 37, 64), (1, 2, 99, 64), (1, 1, 1, 64), (1, 1, 21, 128),
+     (1, 1, 17, 80)],
 )
 def test_matches_reference(batch, heads, tokens, head_dim, dtype, device):
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ def _params(n, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", [(1, 24), (3, 5, 72), (2, 7, 192), (33, 48)])
+@pytest.mark.parametrize("shape", [(1, 24), (3, 5, 72), (2, 7, 192), (33, 48), (3, 1024), (2, 1280), (1, 4100)])
 def test_matches_reference(shape, dtype, device):
     torch.manual_seed(0)
     x = (2 * torch.randn(shape, device=device) + 0.5).to(dtype).requires_grad_()
