@@ -14,7 +14,6 @@ import copy
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -22,6 +21,23 @@ from symmim.core.config import LossConfig, ModelConfig
 from symmim.core.masking import Mask
 from symmim.core.vit import MAEDecoder, ViTEncoder
 from symmim.kernels.dispatch import Backends
+
+
+class _SumAcrossRanks(torch.autograd.Function):
+    """``x`` summed over every rank; the gradient, too, is summed over ranks (each rank's loss
+    depends on every rank's ``x`` through the sum)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
@@ -39,10 +55,10 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         c = x.shape[1]
         xf = x.float()  # [B, C]
         count = torch.tensor([float(x.shape[0])], device=x.device)
-        sums = dist_nn.all_reduce(torch.cat([xf.sum(0), count]))  # [C + 1] over every rank
+        sums = _SumAcrossRanks.apply(torch.cat([xf.sum(0), count]))  # [C + 1] over every rank
         n = sums[c].detach()
         mean = sums[:c] / n  # [C]
-        var = dist_nn.all_reduce((xf - mean).pow(2).sum(0)) / n  # [C] biased, for normalising
+        var = _SumAcrossRanks.apply((xf - mean).pow(2).sum(0)) / n  # [C] biased, for normalising
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1

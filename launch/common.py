@@ -7,6 +7,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import torch.distributed
+
 from symmim.core.checkpoint import CheckpointError
 from symmim.core.config import Config, ConfigError, load_config, save_config
 from symmim.core.distributed import DistInfo, init_distributed
@@ -61,6 +63,7 @@ def launch(args: argparse.Namespace, train: Callable[[Config, Path, DistInfo], N
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
         train(cfg, run_dir, dist_info)
+        torch.distributed.destroy_process_group()  # a clean exit: no communication thread torn down mid-flight
     except BAD_INPUT as err:
         log.error("rank %d: %s%s", rank, "config error: " if isinstance(err, ConfigError) else "", err)
         return 2

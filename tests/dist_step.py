@@ -79,6 +79,8 @@ def main() -> None:
     results = {(v, s): run_variant(v, s, dist) for v in VARIANTS for s in STAGES}
     if dist.is_main:
         torch.save({"world": dist.world, "results": results}, args.out)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # a clean exit: no native thread torn down mid-flight
 
 
 if __name__ == "__main__":
