@@ -8,11 +8,12 @@
 #      both against fp32),
 #   3. timm-export: an exported encoder loads into timm (installed there, not here),
 #   4. kernels-bench: benchmarks/kernels.py, each kernel vs its eager reference, attention vs SDPA,
-#   5. throughput: benchmarks/throughput.py, ViT-B/16 224 px bf16, synthetic input, SymMIM vs
-#      random-75%, optimized vs reference system, with a profile of each run; as the presets run
-#      on a cluster (ZeRO-2),
-#   6. throughput-zero0: the same with ZeRO off (on one GPU partitioning only adds work),
-#   7. throughput-triton-all: the optimized system with our Triton attention and LayerNorm too
+#   5. throughput: benchmarks/throughput.py, ViT-B/16 224 px bf16, batch 128, synthetic input,
+#      SymMIM vs random-75%, optimized (the preset's fast step, ZeRO-0) vs reference system (eager
+#      ops, DeepSpeed's bf16 engine), with a profile of each run (kernels per step, GPU busy),
+#   6. throughput-h200: the optimized system at the H200 preset's batch of 512,
+#   7. throughput-zero2: the optimized system under ZeRO-2 (fp32 weights under autocast),
+#   8. throughput-triton-all: the optimized system with our Triton attention and LayerNorm too
 #      (auto runs torch SDPA and LayerNorm, which measured faster; this shows when that changes).
 # Everything lands in $OUT (the device tool's output folder; ./gpu_check_out elsewhere):
 # gpu_check.log, gpu_tests.xml, gpu_timm.xml, gpu_kernels.*, gpu_throughput*.json/.png.
@@ -21,7 +22,8 @@
 # (gpu-tests 61 s with the first compiles and autotuning, timm 13, kernels 20, throughput
 # 129, zero0 117, the optimized-only run 70) when gpu-tests ran the GPU-marked tests only; the
 # whole kernel suite compiles and autotunes every small shape too, not yet timed on a GPU, hence
-# its 240 s limit (the limits sum to 13.8 minutes: name fewer steps when the budget is tight).
+# its 240 s limit. The limits sum to 15 minutes, more than a session's device time: name the
+# steps that matter (e.g. gpu-tests throughput throughput-h200) and leave room for a rerun.
 #
 # Through the device tool, name the commit (the copy's git metadata there can be stale):
 #   SYMMIM_COMMIT=<git rev-parse --short HEAD, run here> bash benchmarks/gpu_check.sh
@@ -36,7 +38,7 @@ mkdir -p "$OUT"
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1 && shift
 STEPS=("$@")
-[ ${#STEPS[@]} = 0 ] && STEPS=(gpu-tests timm-export kernels-bench throughput throughput-zero0 throughput-triton-all)
+[ ${#STEPS[@]} = 0 ] && STEPS=(gpu-tests timm-export kernels-bench throughput throughput-h200 throughput-zero2 throughput-triton-all)
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 
@@ -64,11 +66,12 @@ step() {  # step NAME LIMIT_S COMMAND...
 }
 
 if [ $DRY = 1 ]; then  # tiny shapes on CPU, fp32
-  tests=(tests/kernels/test_layernorm.py) kernels=(--quick) throughput=(--quick)
+  tests=(tests/kernels/test_layernorm.py) kernels=(--quick) throughput=(--quick) h200=(--quick)
   triton_all=(--set kernels.layernorm=triton --profile-steps 0)  # Triton attention: minutes in the interpreter
 else
   tests=(tests/kernels --junitxml "$OUT/gpu_tests.xml") kernels=()
-  throughput=(--config configs/vit_b16_symmim.yaml --batch 128 --steps 15 --warmup 5)
+  throughput=(--config vit_b16_symmim --batch 128 --steps 15 --warmup 5)
+  h200=(--config vit_b16_symmim_h200 --steps 10 --warmup 3)
   triton_all=(--set kernels.attention=triton --set kernels.layernorm=triton)
 fi
 for name in "${STEPS[@]}"; do
@@ -77,8 +80,10 @@ for name in "${STEPS[@]}"; do
     timm-export) step "$name" 40 python3 -m pytest -q -rs tests/test_eval.py -k timm --junitxml "$OUT/gpu_timm.xml" ;;
     kernels-bench) step "$name" 130 python3 benchmarks/kernels.py "${kernels[@]}" --json "$OUT/gpu_kernels.json" ;;
     throughput) step "$name" 170 python3 benchmarks/throughput.py "${throughput[@]}" --json "$OUT/gpu_throughput.json" ;;
-    throughput-zero0) step "$name" 150 python3 benchmarks/throughput.py "${throughput[@]}" --set ds.zero_stage=0 \
-      --json "$OUT/gpu_throughput_zero0.json" ;;
+    throughput-h200) step "$name" 120 python3 benchmarks/throughput.py "${h200[@]}" --systems optimized \
+      --json "$OUT/gpu_throughput_h200.json" ;;
+    throughput-zero2) step "$name" 100 python3 benchmarks/throughput.py "${throughput[@]}" --systems optimized \
+      --set ds.zero_stage=2 --json "$OUT/gpu_throughput_zero2.json" ;;
     throughput-triton-all) step "$name" 100 python3 benchmarks/throughput.py "${throughput[@]}" --systems optimized \
       "${triton_all[@]}" --json "$OUT/gpu_throughput_triton_all.json" ;;
     *) echo "unknown step $name"; status=1 ;;

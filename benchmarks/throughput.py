@@ -5,9 +5,9 @@
 
 Four runs side by side, each the real training step (``core/pretrain_step.py``, DeepSpeed engine):
 ``symmim`` and ``random75`` (MAE: random 75% mask, no contrastive branch), each in the
-``optimized`` system (the config's kernels, ``auto`` as ``kernels/dispatch.py`` resolves it;
-DALI or device-resident input) and the ``reference`` one (torch backend for every op, eager
-attention, PyTorch loader).
+``optimized`` system (the config's kernels, ``auto`` as ``kernels/dispatch.py`` resolves it, and its
+step: the fast step in the presets; DALI or device-resident input) and the ``reference`` one
+(torch backend for every op, eager attention, PyTorch loader, DeepSpeed's own bf16 engine).
 Reports img/s, the time split (data, momentum forward, forward, backward, optimizer, EMA),
 analytic FLOPs per image and MFU, peak memory, the projected epoch time, and a profile of each
 run: its top ops by device time and how busy the device was (what to fix when a target is missed).
@@ -32,7 +32,9 @@ from symmim.core.pretrain_step import PhaseTimer, build_training
 VARIANTS = {"symmim": [], "random75": ["mask.strategy=random", "mask.ratio=0.75", "loss.con_weight=0"]}
 SYSTEMS = {
     "optimized": [],  # the config's kernels (auto in the presets); --set kernels.attention=... picks another
-    "reference": ["kernels.backend=torch", "kernels.attention=torch", "kernels.layernorm=torch", "data.loader=torch"],
+    # eager ops, the PyTorch loader and DeepSpeed's own bf16 engine: the step without our optimizations
+    "reference": ["kernels.backend=torch", "kernels.attention=torch", "kernels.layernorm=torch", "data.loader=torch",
+                  "train.fast_step=false"],
 }
 PHASES = ("data", "momentum_forward", "forward", "backward", "optimizer", "ema")
 IMAGENET_TRAIN = 1_281_167
@@ -113,6 +115,7 @@ def measure(cfg, dist, steps: int, warmup: int, synthetic: bool, profile_steps: 
         "gflop_per_img": train_flops_per_image(cfg) / 1e9,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "backends": tr.backends.describe(),
+        "step": tr.describe(),
         "split": {p: timer.totals.get(p, 0.0) / total for p in PHASES},
     }
     if profile_steps:
@@ -126,7 +129,7 @@ def measure(cfg, dist, steps: int, warmup: int, synthetic: bool, profile_steps: 
 
 def main() -> int:
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/vit_b16_symmim.yaml", help="preset of the symmim run (random75 derives from it)")
+    p.add_argument("--config", default="vit_b16_symmim", help="preset of the symmim run (random75 derives from it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override applied to every run (the reference system keeps the torch backends)")
     p.add_argument("--batch", type=int, help="micro batch (default: the preset's)")
     p.add_argument("--steps", type=int, default=20)
@@ -143,7 +146,7 @@ def main() -> int:
     device = pick_device(args.device)
     overrides = [f"train.device={device.type}", *args.set]
     if args.quick:
-        args.config, args.steps, args.warmup, args.batch = "configs/tiny_cpu.yaml", 2, 1, args.batch or 8
+        args.config, args.steps, args.warmup, args.batch = "tiny_cpu", 2, 1, args.batch or 8
         overrides += ["train.precision=fp32"]
     if args.batch:
         overrides.append(f"train.batch_size={args.batch}")

@@ -100,6 +100,10 @@ class TrainConfig:
     batch_size: int = 64  # micro batch per process
     grad_accum: int = 1
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # fast step: fp32 weights under bf16 autocast, a fused multi-tensor AdamW with foreach clipping,
+    # non-finite steps skipped on the device (no host sync); false (and fp16): DeepSpeed's own
+    # low-precision engine (bf16/fp16 weights, fp32 masters, dynamic loss scaling for fp16)
+    fast_step: bool = True
     device: Literal["auto", "cuda", "cpu"] = "auto"
     seed: int = 0
     max_steps: int = 0  # run length in optimizer steps; schedules span it (0 = train.epochs)

@@ -9,16 +9,22 @@ from symmim.core.config import Config
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def deepspeed_config(cfg: Config) -> dict:
+def fast_step(cfg: Config) -> bool:
+    """Whether the run takes the fast step (``train.fast_step``; fp16 needs DeepSpeed's loss scaling)."""
+    return cfg.train.fast_step and cfg.train.precision != "fp16"
+
+
+def deepspeed_config(cfg: Config, fast: bool = False) -> dict:
     """The DeepSpeed engine config generated from ``train``, ``optim.clip_grad`` and ``ds``, with
-    ``ds.extra`` merged on top."""
+    ``ds.extra`` merged on top. ``fast``: an fp32 engine that neither clips nor casts (the model
+    runs under autocast and :class:`~symmim.core.optim.ClippedAdamW` clips)."""
     t = cfg.train
     ds = {
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": cfg.optim.clip_grad,
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "gradient_clipping": 0.0 if fast else cfg.optim.clip_grad,
+        "bf16": {"enabled": t.precision == "bf16" and not fast},
+        "fp16": {"enabled": t.precision == "fp16" and not fast, "loss_scale": 0, "initial_scale_power": 16},
         "zero_optimization": {"stage": cfg.ds.zero_stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
@@ -32,9 +38,9 @@ def deepspeed_config(cfg: Config) -> dict:
     return merge(ds, cfg.ds.extra)
 
 
-def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config):
+def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, fast: bool = False):
     """``(engine, optimizer)``: DeepSpeed's wrapping of ``model`` and ``optimizer`` under ``cfg``."""
     import deepspeed
 
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, fast))
     return engine, optimizer

@@ -54,12 +54,12 @@ class ClassifierTraining:
         rng = np.random.default_rng([self.seed, self.rank, pos.epoch, pos.micro])  # stateless: resumes exactly
         images, targets = mix(images, labels, self.num_classes, self.mixup, self.cutmix, self.smoothing, rng)  # [B, C]
         loss = soft_cross_entropy(self.engine(images), targets)
-        if not finite_on_every_rank(loss):
-            return {"loss": loss, "stepped": False, "skipped": True}
+        if not finite_on_every_rank(loss):  # a host sync: this step is not on the fast path
+            return {"loss": loss, "stepped": False, "skipped": torch.ones((), device=loss.device)}
         self.engine.backward(loss)
         stepped = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
-        return {"loss": loss, "stepped": stepped, "skipped": False}
+        return {"loss": loss, "stepped": stepped, "skipped": torch.zeros((), device=loss.device)}
 
     def state_dict(self) -> dict:
         return {}  # the engine's state and the loop's position are all of it

@@ -8,7 +8,11 @@ the :class:`Position` in the run, takes the lr and EMA momentum of each step fro
 the periodic :class:`Evaluation`, and saves and restores ``checkpoints/`` with the trainer's
 and the loader's state. It stops, with a checkpoint, at the end of the schedule, on SIGTERM or
 SIGINT, after ``train.time_limit_min``, and (raising :class:`TrainingError`) after
-``train.max_nonfinite`` non-finite losses in a row.
+``train.max_nonfinite`` updates in a row skipped for a non-finite loss.
+
+A step reads nothing back from the device: losses and skipped updates are summed there and
+read, with the ranks' stop flags, only when a logging window closes (``log.every_steps``), so a
+signal or a time limit is acted on at the next logging step.
 """
 from __future__ import annotations
 
@@ -53,8 +57,11 @@ class Trainer(Protocol):
     loss_names: tuple[str, ...]  # the loss tensors ``train_step`` returns, in logging order
 
     def train_step(self, batch: Any, lr: float, momentum: float, pos: Position) -> dict:
-        """One micro-batch: the loss tensors, ``stepped`` (the optimizer stepped) and ``skipped``
-        (a non-finite loss on some rank: no update on any rank)."""
+        """One micro-batch: the loss tensors, ``stepped`` (an optimizer step was taken or skipped:
+        the position advances) and ``skipped``: a 0-dim device tensor, 1 when the update was
+        skipped for a non-finite loss on some rank (then on every rank), or None when this
+        micro-batch decided nothing (mid-accumulation). A skip decided on the host comes with
+        ``stepped`` False: that micro-batch does not count toward a step."""
 
     def state_dict(self) -> dict:
         """State every rank shares (saved once, beside the engine's)."""
@@ -97,19 +104,27 @@ class StopSignals:
 
 
 class _Window:
-    """Loss sums, data wait and skipped micro-batches over one logging interval."""
+    """Loss sums, data wait and skipped updates over one logging interval; the sums, counts and the
+    run of skipped updates (which outlives a window) stay on the device until logged."""
 
     def __init__(self, names: tuple[str, ...], device: torch.device):
         self.names = names
-        self.sums = torch.zeros(len(names), device=device)  # stays on the device until logged
+        self.stats = torch.zeros(len(names) + 2, device=device)  # loss sums, finite micro-batches, skipped updates
+        self.streak = torch.zeros((), device=device)  # updates skipped in a row
         self.reset()
 
     def reset(self) -> None:
-        self.sums.zero_()
-        self.start, self.wait, self.micro, self.skipped = time.perf_counter(), 0.0, 0, 0
+        self.stats.zero_()
+        self.start, self.wait, self.micro = time.perf_counter(), 0.0, 0
 
     def add(self, out: dict) -> None:
-        self.sums += torch.stack([out[n] for n in self.names]).detach().float()
+        losses = torch.stack([out[n] for n in self.names]).detach().float()  # [K]
+        finite = torch.isfinite(losses[0])
+        self.stats[:-2] += torch.where(finite, losses, 0.0)
+        self.stats[-2] += finite
+        if out["skipped"] is not None:
+            self.stats[-1] += out["skipped"]
+            self.streak = (self.streak + out["skipped"]) * out["skipped"]
         self.micro += 1
 
 
@@ -142,7 +157,7 @@ class TrainLoop:
         self.bar = tqdm(total=self.schedule.total_steps, initial=self.pos.step, unit="step", dynamic_ncols=True,
                         disable=not main or not self.log_cfg.progress)
         self.window = _Window(self.trainer.loss_names, self.dist.device)
-        self.nonfinite_run, self.lr = 0, 0.0
+        self.lr = 0.0
         self.session_start, self.wall_at_start = time.perf_counter(), self.pos.wall_s
         self.last_ckpt_time = time.perf_counter()
         try:
@@ -168,12 +183,10 @@ class TrainLoop:
             self.lr = schedule.lr(pos.step)
             out = self.trainer.train_step(batch, self.lr, schedule.momentum(pos.step + 1), pos)
             pos.micro += 1
-            if out["skipped"]:
-                self._nonfinite()
-                continue
-            self.nonfinite_run = 0
             window.add(out)
             if not out["stepped"]:
+                if out["skipped"] is not None:  # skipped on the host's decision: the run of skips is known now
+                    self._read_window(check_only=True)
                 continue
             pos.step += 1
             pos.wall_s = self.wall_at_start + time.perf_counter() - self.session_start
@@ -181,8 +194,11 @@ class TrainLoop:
             last = pos.step >= schedule.total_steps
             if pos.step % self.log_cfg.every_steps == 0 or last:
                 self._log_window()
-            if self._stop_or_checkpoint(last):
-                return True
+                if self._stop(last):
+                    return True
+            if self.train.ckpt_every_steps and pos.step % self.train.ckpt_every_steps == 0 and not last:
+                self._checkpoint()
+                self.last_ckpt_time = time.perf_counter()
             if last:
                 break
         return False
@@ -207,13 +223,28 @@ class TrainLoop:
     def _epoch_float(self) -> float:
         return self.pos.epoch + self.pos.micro / self.schedule.micro_per_epoch
 
+    def _read_window(self, check_only: bool = False) -> tuple[list[float], int]:
+        """The window's mean losses and skipped updates (averaged over ranks: one host sync); raises
+        TrainingError, after a debug checkpoint, once ``train.max_nonfinite`` updates in a row were skipped."""
+        w = self.window
+        stats = mean_across_ranks(torch.cat([w.stats, w.streak[None]]))  # [K sums, finite, skipped, streak]
+        *means, skipped, streak = torch.cat([stats[:-3] / stats[-3].clamp(min=1.0), stats[-2:]]).tolist()
+        if streak >= self.train.max_nonfinite:
+            path = self._checkpoint(self.run_dir / "debug")
+            raise TrainingError(f"loss non-finite for {int(streak)} updates in a row, last at step {self.pos.step}; "
+                                f"debug checkpoint: {path}")
+        if skipped and not check_only:
+            log.warning("non-finite loss: %d update(s) skipped in the %d micro-batches up to step %d", skipped,
+                        w.micro, self.pos.step)
+        return means, int(skipped)
+
     def _log_window(self) -> None:
         w, world = self.window, self.dist.world
-        means = (mean_across_ranks(w.sums) / max(w.micro, 1)).tolist()
+        means, skipped = self._read_window()
         elapsed = time.perf_counter() - w.start
         img_per_s = w.micro * self.train.batch_size * world / elapsed
         record = {"step": self.pos.step, "epoch": self._epoch_float(), **dict(zip(w.names, means)), "lr": self.lr,
-                  "img_per_s": img_per_s, "data_wait_frac": w.wait / elapsed, "nonfinite_skipped": w.skipped,
+                  "img_per_s": img_per_s, "data_wait_frac": w.wait / elapsed, "nonfinite_skipped": skipped,
                   "wall_s": self.pos.wall_s}
         if self.flops_per_image and self.peak_flops:
             record["mfu"] = self.flops_per_image * img_per_s / world / self.peak_flops
@@ -232,21 +263,10 @@ class TrainLoop:
 
     # ---- stop policy ----
 
-    def _nonfinite(self) -> None:
-        pos = self.pos
-        self.window.skipped += 1
-        self.nonfinite_run += 1
-        log.warning("non-finite loss at step %d (epoch %d, micro-batch %d): step skipped", pos.step, pos.epoch, pos.micro)
-        if self.nonfinite_run >= self.train.max_nonfinite:
-            path = self._checkpoint(self.run_dir / "debug")
-            raise TrainingError(f"loss non-finite for {self.nonfinite_run} micro-batches in a row, last at step "
-                                f"{pos.step}; debug checkpoint: {path}")
-
-    def _stop_or_checkpoint(self, last: bool) -> bool:
-        """After an optimizer step: stop (True) on a signal or the time limit, or checkpoint when due.
-
-        Every rank must agree: rank 0's clocks decide, a signal on any rank counts.
-        """
+    def _stop(self, last: bool) -> bool:
+        """At a logging step: stop (True) on a signal or the time limit, or checkpoint when
+        ``train.ckpt_every_min`` is due. Every rank must agree: rank 0's clocks decide, a signal
+        on any rank counts."""
         t, now = self.train, time.perf_counter()
         flags = torch.tensor([
             self.stop.name is not None,
@@ -264,7 +284,7 @@ class TrainLoop:
                       else f"time limit of {t.time_limit_min} min reached")
             log.info("%s: stopped at step %d, checkpoint %s; continue with --resume", reason, self.pos.step, path)
             return True
-        if (t.ckpt_every_steps and self.pos.step % t.ckpt_every_steps == 0 and not last) or ckpt_due:
+        if ckpt_due and not last:
             self._checkpoint()
             self.last_ckpt_time = time.perf_counter()
         return False

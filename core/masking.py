@@ -12,6 +12,7 @@ sample: kernels and batching need a rectangle ``[B, N_vis]``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -52,6 +53,7 @@ def checkerboard(grid: tuple[int, int], cell: int, phase: Tensor) -> Tensor:
     return (parity[None, :] + phase[:, None]) % 2 == 1  # [B, N]
 
 
+@functools.cache
 def checkerboard_masked_counts(grid: tuple[int, int], cell: int) -> tuple[int, int]:
     """How many patches phase 0 and phase 1 mask (they differ when the cell grid is odd)."""
     m0 = int(checkerboard(grid, cell, torch.zeros(1, dtype=torch.long)).sum())
@@ -91,7 +93,7 @@ def symmetric_mask(
         host = torch.full((batch,), int(phase), dtype=torch.long)
     else:
         raise ValueError(f"checkerboard phase must be 0, 1 or 'random', got {phase!r}")
-    masked = m1 if int(host[0]) == 1 else m0  # every sample masks the same count
+    masked = m0 if m0 == m1 else (m1 if host[:1].tolist() == [1] else m0)  # one count for the batch (host read)
     phases = host.to(device, non_blocking=True)  # [B]
     mask = checkerboard(grid, cell, phases)  # [B, N]
     return Mask(_visible_ids(mask, h * w - masked), mask, grid, cell, phases)

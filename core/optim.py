@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from symmim.core.config import OptimConfig
@@ -22,10 +23,106 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, o: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """Torch AdamW (fused on CUDA) from the ``optim`` config section; its lr is set every step from ``core.schedules``."""
-    fused = torch.device(device).type == "cuda"
-    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=0.0, betas=o.betas, fused=fused)
+class FusedAdamW(torch.optim.AdamW):
+    """AdamW for the fast step: a few multi-tensor kernels per step whatever the number of tensors,
+    global-norm clipping, and a non-finite step skipped on the device (no host sync: a non-finite
+    loss anywhere makes the gradient norm non-finite, and the fused kernel then leaves every
+    weight and moment as it was).
+
+    Built on the module's parameter groups. When those are bf16 (or fp16) it keeps fp32 masters
+    as its own parameters: each step copies the gradients to them, steps them and writes them
+    back cast, one multi-tensor copy each way. ``reduce`` says where the gradients stand across
+    ranks: ``"none"`` (one process, or DeepSpeed reduced them), ``"mean"`` (average them here, in
+    one flat all-reduce: DeepSpeed's per-tensor reduction is switched off under ZeRO-0), or
+    ``"partitioned"`` (ZeRO 1/2 hand over each rank's disjoint slice: only the squared norm is
+    summed). After :meth:`step`, ``found_inf`` is 1.0 when the step was skipped and ``grad_norm``
+    the norm before clipping (0-dim tensors on the device).
+    """
+
+    def __init__(self, groups: list[dict], betas: tuple[float, float], clip: float, reduce: str = "none"):
+        self.model_params = [p for g in groups for p in g["params"]]
+        self.has_masters = any(p.dtype != torch.float32 for p in self.model_params)
+        if self.has_masters:
+            groups = [{**g, "params": [p.detach().float().clone() for p in g["params"]]} for g in groups]
+        super().__init__(groups, lr=0.0, betas=betas, fused=True)
+        self.clip, self.reduce = clip, reduce
+        self.found_inf: torch.Tensor | None = None
+        self.grad_norm: torch.Tensor | None = None
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The tensors this optimizer updates (the fp32 masters, or the module's own parameters)."""
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def master_of(self) -> dict[int, torch.Tensor]:
+        """``id(module parameter) -> its fp32 master`` (the parameter itself without masters)."""
+        return {id(p): m for p, m in zip(self.model_params, self.params)}
+
+    @torch.no_grad()
+    def _gradients(self) -> list[torch.Tensor]:
+        """The gradients to step with, reduced across ranks where needed, in fp32 beside the masters."""
+        if self.reduce == "partitioned":  # ZeRO: DeepSpeed put its flat fp32 partitions in our groups
+            return [p.grad for p in self.params if p.grad is not None]
+        grads = [p.grad for p in self.model_params]
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if self.reduce == "mean" and world > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads]).div_(world)  # [all elements]
+            dist.all_reduce(flat)
+            grads = [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        if not self.has_masters:
+            for p, g in zip(self.model_params, grads):
+                p.grad = g
+            return grads
+        masters = self.params
+        if masters[0].grad is None:
+            for m in masters:
+                m.grad = torch.empty_like(m)
+        master_grads = [m.grad for m in masters]
+        torch._foreach_copy_(master_grads, grads)
+        return master_grads
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = self._gradients()
+        norm_sq = torch.stack(torch._foreach_norm(grads)).square().sum()  # [] over every tensor of this rank
+        if self.reduce == "partitioned" and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(norm_sq)
+        self.grad_norm = norm_sq.sqrt()
+        self.found_inf = (~torch.isfinite(self.grad_norm)).float()  # read by the fused kernel
+        if self.clip > 0:
+            torch._foreach_mul_(grads, (self.clip / (self.grad_norm + 1e-6)).clamp(max=1.0))
+        loss = super().step(closure)
+        if self.has_masters:
+            torch._foreach_copy_(self.model_params, self.params)  # cast back into the module
+        return loss
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.has_masters:
+            state["masters"] = [m.detach() for m in self.params]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        masters = state.pop("masters", None)
+        super().load_state_dict(state)
+        if masters is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, [m.to(self.params[0].device) for m in masters])
+                torch._foreach_copy_(self.model_params, self.params)
+
+
+def build_optimizer(model: nn.Module, o: OptimConfig, device: torch.device, fast: bool,
+                    reduce: str = "none") -> torch.optim.Optimizer:
+    """AdamW from the ``optim`` config section; its lr is set every step from ``core.schedules``.
+
+    ``fast``: :class:`FusedAdamW` (the fast step clips, skips and keeps fp32 masters inside the
+    optimizer); else torch's AdamW (fused on CUDA) under DeepSpeed's own clipping and engine.
+    """
+    groups = param_groups(model, o.weight_decay)
+    if fast:
+        return FusedAdamW(groups, betas=o.betas, clip=o.clip_grad, reduce=reduce)
+    return torch.optim.AdamW(groups, lr=0.0, betas=o.betas, fused=torch.device(device).type == "cuda")
 
 
 def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float, depth: int) -> list[dict]:

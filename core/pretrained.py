@@ -90,11 +90,13 @@ def interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
 def _stage0_masters(meta: dict, cfg) -> dict[str, Tensor] | None:
     """fp32 masters of a ZeRO-0 bf16/fp16 run, by name; None if absent or not lined up.
 
-    DeepSpeed's unfused low-precision optimizer saves one fp32 copy per parameter, in the order
-    of the optimizer's groups (``core.optim.param_groups`` of the SymMIM module); each copy must
-    round to the saved module weight.
+    DeepSpeed's unfused low-precision optimizer (``fp32_groups``) and the fast step's
+    :class:`~symmim.core.optim.FusedAdamW` (``masters``) save one fp32 copy per parameter, in the
+    order of the optimizer's groups (``core.optim.param_groups`` of the SymMIM module); each copy
+    must round to the saved module weight.
     """
-    groups = (meta.get("optimizer") or {}).get("fp32_groups")
+    optimizer = meta.get("optimizer") or {}
+    groups = optimizer.get("fp32_groups") or ([optimizer["masters"]] if "masters" in optimizer else None)
     if groups is None:
         return None
     with torch.device("meta"):

@@ -150,12 +150,19 @@ class MomentumBranch(nn.Module):
         return self.projector(cls.float())  # small MLP with BatchNorm: fp32
 
     @torch.no_grad()
-    def update(self, online: SymMIM, momentum: float) -> None:
-        """EMA step from the online weights (any dtype); BN running stats are copied."""
+    def update(self, online: SymMIM, momentum: float | Tensor, masters: dict[int, Tensor] | None = None) -> None:
+        """EMA step from the online weights (any dtype), or from their fp32 ``masters`` (``id(parameter)
+        -> master``) where the optimizer keeps them; ``momentum`` may be a 0-dim tensor (1 = no
+        change, for a step skipped on the device). BN running stats are copied."""
         for name in ("encoder", "projector"):
             src, dst = getattr(online, name), getattr(self, name)
-            online_fp32 = [p.detach().float() for p in src.parameters()]
-            torch._foreach_lerp_(list(dst.parameters()), online_fp32, 1.0 - momentum)  # fused over all tensors
+            online_fp32 = [(masters[id(p)] if masters else p.detach()).float() for p in src.parameters()]
+            ema = list(dst.parameters())
+            if isinstance(momentum, Tensor):  # a device scalar: lerp would read its weight on the host
+                torch._foreach_mul_(ema, momentum)
+                torch._foreach_add_(ema, torch._foreach_mul(online_fp32, 1.0 - momentum))
+            else:
+                torch._foreach_lerp_(ema, online_fp32, 1.0 - momentum)  # fused over all tensors
             for b_dst, b_src in zip(dst.buffers(), src.buffers()):
                 b_dst.copy_(b_src)
 

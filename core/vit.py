@@ -78,7 +78,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, H, N, d_h]
-        out = self.op(qkv[0], qkv[1], qkv[2])  # [B, H, N, d_h]
+        out = self.op(*qkv.unbind(0))  # [B, H, N, d_h]; unbind: one stack in backward
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from symmim.kernels.attention import attention_reference, attention_triton
-from symmim.kernels.layernorm import layer_norm_reference, layer_norm_triton
+from symmim.kernels.layernorm import layer_norm_triton
 from symmim.kernels.norm_pix_loss import norm_pix_loss_reference, norm_pix_loss_triton
 from symmim.kernels.patch_embed import patch_embed_reference, patch_embed_triton
 
@@ -37,6 +37,11 @@ def xformers_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
+def torch_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """torch's fused LayerNorm over the last dimension (statistics in fp32 for half inputs)."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
 # Each op's implementations; every entry of one table has the same signature.
 ATTENTION: dict[str, Callable[..., Tensor]] = {  # (q, k, v) [B, H, N, d] -> [B, H, N, d], non-causal
     "torch": attention_reference, "sdpa": F.scaled_dot_product_attention, "xformers": xformers_attention,
@@ -49,13 +54,14 @@ NORM_PIX_LOSS: dict[str, Callable[..., Tensor]] = {  # (pred, images, mask, patc
     "torch": norm_pix_loss_reference, "triton": norm_pix_loss_triton,
 }
 LAYER_NORM: dict[str, Callable[..., Tensor]] = {  # (x, weight, bias, eps)
-    "torch": layer_norm_reference, "triton": layer_norm_triton,
+    "torch": torch_layer_norm, "triton": layer_norm_triton,
 }
 
 
 @dataclass(frozen=True)
 class Backends:
-    """Concrete backend names; the default is the eager PyTorch reference of every op."""
+    """Concrete backend names; the default is eager PyTorch for every op (the kernels' references,
+    torch's own LayerNorm)."""
 
     ops: str = "torch"  # patch-embed, loss: "triton" | "torch"
     attention: str = "torch"  # "triton" | "sdpa" | "xformers" | "torch"

@@ -51,7 +51,8 @@ def train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo) -> None:
     t, o = cfg.train, cfg.optim
     torch.manual_seed(t.seed + dist.rank)
     tr = build_training(cfg, dist)
-    log.info("device %s, %d process(es); %s; precision %s", dist.device, dist.world, tr.backends.describe(), t.precision)
+    log.info("device %s, %d process(es); %s; precision %s; %s", dist.device, dist.world, tr.backends.describe(),
+             t.precision, tr.describe())
     loader = build_train_loader(cfg.data, cfg.model.img_size, t.batch_size, t.seed, dist.rank, dist.world, dist.device)
     schedule = Schedule.plan(loader.steps_per_epoch, t.grad_accum, t.epochs, t.max_steps,
                              t.batch_size * t.grad_accum * dist.world, o.lr, o.base_lr, o.warmup_epochs, o.min_lr,

@@ -28,7 +28,7 @@ VARIANTS = {
     "symmim": [],
     "random75": ["mask.strategy=random", "mask.ratio=0.75", "loss.con_weight=0"],
 }
-STAGES = (0, 2)
+STAGES = (0, 1, 2)
 
 
 class SharedMasks:
@@ -61,8 +61,15 @@ def run_variant(variant: str, stage: int, dist) -> dict:
     g = torch.Generator().manual_seed(7)
     images = torch.randn(GLOBAL_BATCH, 3, cfg.model.img_size, cfg.model.img_size, generator=g)  # [2B, 3, S, S]
     out = tr.forward_backward(images[tr.masks.rows])
-    named = [(n, p) for n, p in tr.engine.module.named_parameters() if p.requires_grad]
-    grads = {n: safe_get_full_grad(p).detach().clone() for n, p in named}
+    names = {id(p): n for n, p in tr.engine.module.named_parameters() if p.requires_grad}
+    opt = tr.base_optimizer
+    if getattr(opt, "reduce", None) == "mean":  # ZeRO-0 fast step: the optimizer averages the gradients itself
+        grads = {}
+        opt.register_step_post_hook(lambda o, args, kwargs: grads.update(
+            {names[id(p)]: p.grad.detach().clone() for p in o.model_params}))
+    else:  # DeepSpeed reduced them in the backward (ZeRO partitions them: gathered here)
+        grads = {n: safe_get_full_grad(p).detach().clone() for n, p in tr.engine.module.named_parameters()
+                 if id(p) in names}
     losses = mean_across_ranks(torch.stack([out["loss_mim"], out["loss_con"]]).detach())
     tr.optimizer_step(lr=1e-3, ema_momentum=0.9)
     ema = tr.momentum.state_dict().values() if tr.momentum else []

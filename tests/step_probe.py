@@ -19,14 +19,14 @@ optimizer_step, ema_update = Training.optimizer_step, MomentumBranch.update
 
 
 def recorded_optimizer_step(self, lr, ema_momentum, timer=None):
-    stepped = optimizer_step(self, lr, ema_momentum, timer)
+    stepped, skipped = optimizer_step(self, lr, ema_momentum, timer)
     record["steps"].append([lr, ema_momentum, stepped])
-    return stepped
+    return stepped, skipped
 
 
-def recorded_update(self, online, momentum):
-    record["ema"].append(momentum)
-    return ema_update(self, online, momentum)
+def recorded_update(self, online, momentum, masters=None):
+    record["ema"].append(float(momentum))  # the fast step passes a device scalar (1 where a step was skipped)
+    return ema_update(self, online, momentum, masters)
 
 
 Training.optimizer_step = recorded_optimizer_step

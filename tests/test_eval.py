@@ -29,7 +29,7 @@ from symmim.core.distributed import DistInfo
 from symmim.core.knn import knn_accuracy, knn_scores, pool_features, topk_hits
 from symmim.core.optim import layer_decay_groups
 from symmim.core.pretrained import (ArchitectureError, interpolate_pos_embed, load_encoder_weights, model_architecture,
-                             write_export)
+                                    read_run, write_export)
 from symmim.core.vit import ViTEncoder
 from symmim.kernels.dispatch import Backends
 from symmim.launch import export
@@ -72,7 +72,7 @@ def run(small_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pretrain") / "run"
     _run("pretrain.py", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--output-dir", str(run_dir),
          *_sets(f"data.root={small_root}", "model.img_size=32", "train.batch_size=16", "train.max_steps=1",
-                "log.recon_images=0", "log.progress=false", "log.tensorboard=false"))
+                "ds.zero_stage=2", "log.recon_images=0", "log.progress=false", "log.tensorboard=false"))
     return run_dir
 
 
@@ -256,8 +256,8 @@ def test_wrong_architecture_is_refused_naming_the_mismatch(run, exported, small_
 
 
 def test_zero0_low_precision_masters_are_matched_by_name():
-    """ZeRO-0 bf16 keeps one fp32 master per parameter in the optimizer's group order (checked on
-    a real DeepSpeed checkpoint when this was written); they are named via core.optim.param_groups
+    """ZeRO-0 bf16 keeps one fp32 master per parameter in the optimizer's group order (DeepSpeed's
+    engine checked on a real checkpoint when this was written, the fast step's FusedAdamW below); they are named via core.optim.param_groups
     and must round to the saved bf16 weights, else the upcast module weights are the fallback."""
     from symmim.core.optim import param_groups
     from symmim.core.pretrained import _stage0_masters
@@ -274,6 +274,27 @@ def test_zero0_low_precision_masters_are_matched_by_name():
     assert masters.keys() == set(order) and torch.equal(masters[order[0]], groups[0][0])
     swapped = [groups[1], groups[0]]  # another order: the masters do not line up, no guess is made
     assert _stage0_masters({"optimizer": {"fp32_groups": swapped}, "module": module}, cfg) is None
+    # The fast step's FusedAdamW saves the same masters as one flat list in group order.
+    flat = [m for g in groups for m in g]
+    fused = _stage0_masters({"optimizer": {"masters": flat}, "module": module}, cfg)
+    assert fused.keys() == masters.keys() and all(torch.equal(fused[k], masters[k]) for k in masters)
+
+
+@pytest.mark.slow
+def test_export_of_a_bf16_fast_step_run_takes_the_fp32_masters(small_root, tmp_path):
+    """ZeRO-0 bf16 on the fast step: the module holds bf16 weights, FusedAdamW the fp32 masters;
+    the export takes the masters, which round to the module's weights."""
+    run_dir = tmp_path / "bf16"
+    _run("pretrain.py", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--output-dir", str(run_dir),
+         *_sets(f"data.root={small_root}", "model.img_size=32", "train.batch_size=16", "train.max_steps=2",
+                "train.precision=bf16", "ds.zero_stage=0", "log.recon_images=0", "log.progress=false",
+                "log.tensorboard=false"))
+    state, arch = read_run(run_dir)
+    assert arch["source"]["weights"] == "fp32 master weights (ZeRO-0)"
+    module = torch.load(run_dir / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    weight = state["blocks.0.attn.qkv.weight"]
+    assert weight.dtype == torch.float32 and torch.equal(weight.bfloat16(), module["encoder.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(weight, weight.bfloat16().float())  # fp32 precision the module does not hold
 
 
 def test_pos_embed_interpolation():

@@ -133,8 +133,8 @@ def test_diverging_run_skips_counts_then_stops_with_a_debug_checkpoint(embedded_
     proc = run([sys.executable, PRETRAIN, *quiet(embedded_cache, *SHORT, "optim.lr=1.0e+12", "optim.clip_grad=0.0",
                                                  "optim.warmup_epochs=0", "train.max_nonfinite=3", "train.max_steps=200"),
                 "--output-dir", str(run_dir)], expect=3)
-    assert "non-finite loss at step" in proc.stderr
-    assert "loss non-finite for 3 micro-batches in a row, last at step" in proc.stderr
+    assert "non-finite loss: 1 update(s) skipped" in proc.stderr
+    assert "loss non-finite for 3 updates in a row, last at step" in proc.stderr
     assert list((run_dir / "debug").glob("step*/manifest.json")), "debug checkpoint written"
     assert not (run_dir / "checkpoints" / "latest").exists(), "nothing non-finite became a resumable checkpoint"
 

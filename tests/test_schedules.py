@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from symmim.core.config import load_config
-from symmim.core.optim import build_optimizer, param_groups
+from symmim.core.optim import FusedAdamW, build_optimizer, param_groups
 from symmim.core.schedules import lr_at, momentum_at
 from symmim.core.symmim import SymMIM
 from symmim.kernels.dispatch import Backends
@@ -127,10 +127,11 @@ def test_param_groups_skip_frozen():
     assert "decoder.mask_token" in no_decay and "decoder.pred.weight" in decay
 
 
-def test_build_optimizer(model):
+@pytest.mark.parametrize("fast", [True, False])
+def test_build_optimizer(model, fast):
     cfg = load_config(None, SMALL + ["optim.betas=[0.8, 0.9]", "optim.weight_decay=0.1"])
-    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
-    assert isinstance(opt, torch.optim.AdamW)
+    opt = build_optimizer(model, cfg.optim, torch.device("cpu"), fast)
+    assert isinstance(opt, torch.optim.AdamW) and isinstance(opt, FusedAdamW) == fast
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert all(g["betas"] == (0.8, 0.9) and g["lr"] == 0.0 for g in opt.param_groups)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))

@@ -32,8 +32,23 @@ def test_auto_resolves_to_ops_that_exist(device, monkeypatch):
 
 def test_the_torch_backend_is_the_reference():
     torch_ops = Backends()
-    assert torch_ops.attention_op is attention_reference and torch_ops.layer_norm_op is layer_norm_reference
+    assert torch_ops.attention_op is attention_reference
     assert torch_ops.patch_embed_op is patch_embed_reference and torch_ops.norm_pix_loss_op is norm_pix_loss_reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_layer_norm_matches_the_fp32_reference(dtype):
+    """The torch backend runs torch's fused LayerNorm (no casts around it); it computes what the
+    fp32 reference computes: bitwise in fp32, to bf16 rounding in bf16."""
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 72) * 2 + 0.5).to(dtype)
+    w, b = (1 + 0.1 * torch.randn(72)).to(dtype), (0.1 * torch.randn(72)).to(dtype)
+    got, want = Backends().layer_norm_op(x, w, b, 1e-6), layer_norm_reference(x, w, b, 1e-6)
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1e-2)
 
 
 def test_explicit_choices_are_kept():
