@@ -12,6 +12,8 @@
 #      SymMIM vs random-75%, optimized (the preset's fast step, ZeRO-0) vs reference system (eager
 #      ops, DeepSpeed's bf16 engine), with a profile of each run (kernels per step, GPU busy),
 #   6. throughput-h200: the optimized system at the H200 preset's batch of 512,
+#      throughput-compiled: the same with train.compile=true (torch.compile of the encoders,
+#      decoder and heads; the first steps compile),
 #   7. throughput-zero2: the optimized system under ZeRO-2 (fp32 weights under autocast),
 #   8. throughput-triton-all: the optimized system with our Triton attention and LayerNorm too
 #      (auto runs torch SDPA and LayerNorm, which measured faster; this shows when that changes).
@@ -22,8 +24,9 @@
 # (gpu-tests 61 s with the first compiles and autotuning, timm 13, kernels 20, throughput
 # 129, zero0 117, the optimized-only run 70) when gpu-tests ran the GPU-marked tests only; the
 # whole kernel suite compiles and autotunes every small shape too, not yet timed on a GPU, hence
-# its 240 s limit. The limits sum to 15 minutes, more than a session's device time: name the
-# steps that matter (e.g. gpu-tests throughput throughput-h200) and leave room for a rerun.
+# its 240 s limit. The limits sum to 17.5 minutes, more than a session's device time: name the
+# steps that matter (e.g. gpu-tests throughput throughput-h200 throughput-compiled) and leave
+# room for a rerun. No CUDA-graph capture of the step exists yet.
 #
 # Through the device tool, name the commit (the copy's git metadata there can be stale):
 #   SYMMIM_COMMIT=<git rev-parse --short HEAD, run here> bash benchmarks/gpu_check.sh
@@ -38,7 +41,8 @@ mkdir -p "$OUT"
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1 && shift
 STEPS=("$@")
-[ ${#STEPS[@]} = 0 ] && STEPS=(gpu-tests timm-export kernels-bench throughput throughput-h200 throughput-zero2 throughput-triton-all)
+[ ${#STEPS[@]} = 0 ] && STEPS=(gpu-tests timm-export kernels-bench throughput throughput-h200 throughput-compiled
+  throughput-zero2 throughput-triton-all)
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 
@@ -82,6 +86,8 @@ for name in "${STEPS[@]}"; do
     throughput) step "$name" 170 python3 benchmarks/throughput.py "${throughput[@]}" --json "$OUT/gpu_throughput.json" ;;
     throughput-h200) step "$name" 120 python3 benchmarks/throughput.py "${h200[@]}" --systems optimized \
       --json "$OUT/gpu_throughput_h200.json" ;;
+    throughput-compiled) step "$name" 150 python3 benchmarks/throughput.py "${h200[@]}" --systems optimized \
+      --set train.compile=true --json "$OUT/gpu_throughput_compiled.json" ;;
     throughput-zero2) step "$name" 100 python3 benchmarks/throughput.py "${throughput[@]}" --systems optimized \
       --set ds.zero_stage=2 --json "$OUT/gpu_throughput_zero2.json" ;;
     throughput-triton-all) step "$name" 100 python3 benchmarks/throughput.py "${throughput[@]}" --systems optimized \

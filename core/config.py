@@ -104,6 +104,7 @@ class TrainConfig:
     # non-finite steps skipped on the device (no host sync); false (and fp16): DeepSpeed's own
     # low-precision engine (bf16/fp16 weights, fp32 masters, dynamic loss scaling for fp16)
     fast_step: bool = True
+    compile: bool = False  # torch.compile the encoders, decoder and heads (static shapes; the first steps compile)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     seed: int = 0
     max_steps: int = 0  # run length in optimizer steps; schedules span it (0 = train.epochs)

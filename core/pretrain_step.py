@@ -211,6 +211,10 @@ def build_training(cfg: Config, dist: DistInfo) -> Training:
         torch.manual_seed(cfg.train.seed)
         model = SymMIM(cfg.model, cfg.loss, backends).to(device)
     momentum = MomentumBranch(model).to(device) if model.contrastive else None  # fp32 copy
+    if cfg.train.compile:  # in place: parameter names, checkpoints and exports stay as they are
+        for module in (model.encoder, model.decoder, *(momentum.children() if momentum else ()),
+                       *((model.projector, model.predictor) if model.contrastive else ())):
+            module.compile(dynamic=False)  # both masks give every sample the same visible count
     fast, zero = fast_step(cfg), cfg.ds.zero_stage
     autocast = fast and zero > 0 and dtype != torch.float32  # ZeRO keeps fp32 weights: the forward casts
     if not autocast:

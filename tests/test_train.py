@@ -168,3 +168,17 @@ def test_zero3_ema_update_uses_the_gathered_online_weights(embedded_cache, tmp_p
         torch.testing.assert_close(second[key], torch.lerp(first[key], online[key].float(), 1 - m), rtol=1e-6, atol=1e-7,
                                    msg=key)
     assert not torch.equal(first["projector.0.weight"], second["projector.0.weight"])
+
+
+def test_compiled_step_gives_the_eager_losses(embedded_cache, tmp_path):
+    """``train.compile``: the encoders, decoder and heads under torch.compile (CPU inductor here)
+    give the eager run's losses to float rounding, and the checkpoint keeps the module's names."""
+    args = quiet(embedded_cache, "train.max_steps=4", "log.every_steps=1", "train.batch_size=16", "log.recon_images=0")
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    run([sys.executable, PRETRAIN, *args, "--output-dir", str(eager)])
+    run([sys.executable, PRETRAIN, *args, "--set", "train.compile=true", "--output-dir", str(compiled)])
+    for a, b in zip(metrics(eager), metrics(compiled), strict=True):
+        for key in ("loss", "loss_mim", "loss_con"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    module = torch.load(compiled / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert "encoder.blocks.0.attn.qkv.weight" in module and not any("_orig_mod" in k for k in module)
