@@ -28,7 +28,7 @@ VARIANTS = {
     "symmim": [],
     "random75": ["mask.strategy=random", "mask.ratio=0.75", "loss.con_weight=0"],
 }
-STAGES = (0, 1, 2)
+STAGES = (0, 1, 2, 3)
 
 
 class SharedMasks:
