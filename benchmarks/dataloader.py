@@ -36,7 +36,7 @@ from symmim.data.folder import scan_imagefolder
 from symmim.data.torch_loader import TorchLoader
 
 PHOTOS_VERSION = "photos-v1"
-TARGET = 2.0  # DESIGN.md: DALI-CPU >= 2x PIL + DataLoader at equal threads, ImageNet-size photos
+TARGET = 2.0  # target: DALI-CPU >= 2x PIL + DataLoader at equal threads, ImageNet-size photos
 
 
 # ---- photo-like JPEGs -----------------------------------------------------------------

@@ -177,7 +177,7 @@ def _backward(case: Case, forward: Callable[[], torch.Tensor]) -> tuple[torch.Te
 
 
 def mark_targets(rows: list[dict], model: str, attention_shapes: list[str]) -> list[dict]:
-    """DESIGN.md kernel targets (fwd+bwd at ViT-B shapes; attention at half and all patches visible),
+    """The kernel targets (README, Performance) (fwd+bwd at ViT-B shapes; attention at half and all patches visible),
     marked met/missed in the rows they judge; a failed case misses its target."""
     specs = [("patch-embed", None, "triton_x_eager", 2.0, "eager"), ("norm-pix loss", None, "triton_x_eager", 3.0, "eager")]
     specs += [("attention", shape, "triton_x_sdpa", 1.0, "torch SDPA") for shape in attention_shapes]
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch or (2 if args.quick else 64)
     models, img, patch = (QUICK_MODELS, 32, 8) if args.quick else (MODELS, 224, 16)
     warmup, iters = (1, 3) if args.quick else (5, args.iters)
-    headline = next(iter(models))  # DESIGN.md states the targets at ViT-B shapes
+    headline = next(iter(models))  # the targets are stated at ViT-B shapes
     n = (img // patch) ** 2
     tokens = [n // 4 + 1, n // 2 + 1, n + 1]  # 25%, 50% and all patches visible, + CLS
     torch.manual_seed(0)

@@ -30,9 +30,23 @@ def step_tag(step: int) -> str:
     return f"step{step:08d}"
 
 
+def step_of(tag_dir: Path) -> int:
+    """The optimizer step a tag folder was saved at."""
+    return int(tag_dir.name[len("step"):])
+
+
 def _tags(ckpt_dir: Path) -> list[Path]:
-    """Tag folders, oldest first."""
-    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step")) if ckpt_dir.is_dir() else []
+    """Tag folders in the order the run wrote them, oldest first: by the time their manifest was
+    written (a tag without one, an interrupted save, counts as older than every complete tag)."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step")]
+
+    def written(tag: Path) -> tuple[int, float, str]:
+        manifest = tag / MANIFEST
+        return (1, manifest.stat().st_mtime, tag.name) if manifest.is_file() else (0, 0.0, tag.name)
+
+    return sorted(tags, key=written)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -57,7 +71,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, rank_
         files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
         _write_atomic(tag_dir / MANIFEST, json.dumps({"step": step, "world_size": world, "arch": arch, "files": files}, indent=1))
         _write_atomic(ckpt_dir / "latest", tag)
-        for old in _tags(ckpt_dir)[:-keep] if keep > 0 else []:
+        for old in [t for t in _tags(ckpt_dir) if t != tag_dir][:-keep + 1 or None] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return tag_dir
@@ -86,24 +100,30 @@ def _problem(tag_dir: Path, world: int, arch: dict) -> str | None:
     return None
 
 
-def load_checkpoint(engine, ckpt_dir: Path, arch: dict) -> tuple[dict, dict] | None:
-    """Restore the newest intact tag: ``(client_state, rank_state)``, or None if there is none.
+def resumable_tag(ckpt_dir: Path, arch: dict, world: int) -> Path | None:
+    """The newest intact tag the run wrote that this run (``arch``, ``world`` processes) can resume,
+    or None if there is none; needs no engine, so it is checked before one is built.
 
     A damaged or incomplete tag is skipped with a warning naming it; a checkpoint of another
     model or another world size raises :class:`CheckpointError`.
     """
-    world = dist.get_world_size()
-    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
-    candidates = [t for t in reversed(_tags(ckpt_dir)) if latest is None or t.name <= latest]
-    for tag_dir in candidates:
+    tags = _tags(ckpt_dir)
+    for tag_dir in [t for t in tags if not (t / MANIFEST).is_file()]:  # oldest by history: say so now
+        log.warning("skipping checkpoint %s: incomplete (no manifest.json: the save was interrupted)", tag_dir)
+    for tag_dir in reversed([t for t in tags if (t / MANIFEST).is_file()]):
         problem = _problem(tag_dir, world, arch)
         if problem:
             log.warning("skipping checkpoint %s: %s", tag_dir, problem)
             continue
-        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag_dir.name)
-        if path is None:
-            raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
-        rank_state = torch.load(tag_dir / f"rank{dist.get_rank()}_state.pt", weights_only=False)
-        log.info("resumed from %s", tag_dir)
-        return client_state, rank_state
+        return tag_dir
     return None
+
+
+def load_checkpoint(engine, tag_dir: Path) -> tuple[dict, dict]:
+    """Restore the tag ``tag_dir`` (see :func:`resumable_tag`): ``(client_state, rank_state)``."""
+    path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
+    rank_state = torch.load(tag_dir / f"rank{dist.get_rank()}_state.pt", weights_only=False)
+    log.info("resumed from %s", tag_dir)
+    return client_state, rank_state

@@ -36,8 +36,9 @@ def pick_device(preference: str) -> torch.device:
     return torch.device("cuda") if use_cuda else torch.device("cpu")
 
 
-def init_distributed(preference: str, timeout_minutes: float = 30.0) -> DistInfo:
-    """Join (or, under plain ``python``, create) the process group DeepSpeed will use.
+def init_distributed(preference: str, timeout_minutes: float = 30.0, deepspeed: bool = True) -> DistInfo:
+    """Join (or, under plain ``python``, create) the process group, through DeepSpeed when a
+    DeepSpeed engine will train (``deepspeed``), else torch's own (evaluation: no DeepSpeed chatter).
 
     The DeepSpeed launcher and torchrun set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*;
     without them this is a one-process group on a free local port. Without CUDA,
@@ -48,15 +49,17 @@ def init_distributed(preference: str, timeout_minutes: float = 30.0) -> DistInfo
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    import deepspeed
-
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-    deepspeed.init_distributed(
-        dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes)
-    )
+    backend, timeout = ("nccl" if device.type == "cuda" else "gloo"), timedelta(minutes=timeout_minutes)
+    if deepspeed:
+        import deepspeed as ds
+
+        ds.init_distributed(dist_backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

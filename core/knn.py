@@ -1,4 +1,4 @@
-"""Weighted kNN classification on frozen encoder features (DINO's protocol; SYMMIM.md: k = 20,
+"""Weighted kNN classification on frozen encoder features (DINO's protocol; docs/method.md: k = 20,
 cosine similarity, temperature 0.07).
 
 The train split is the memory bank, val the queries, both as deterministic centre crops

@@ -17,7 +17,9 @@ signal or a time limit is acted on at the next logging step.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from symmim.core.checkpoint import load_checkpoint, save_checkpoint
 from symmim.core.config import LogConfig, TrainConfig
@@ -92,7 +96,8 @@ class Evaluation:
 
 
 class StopSignals:
-    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and returns."""
+    """SIGTERM / SIGINT set a flag; the loop checkpoints and returns at its next logging step. A
+    second signal exits at once, without a checkpoint."""
 
     def __init__(self):
         self.name: str | None = None
@@ -100,7 +105,13 @@ class StopSignals:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.name = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.name is not None:
+            log.warning("second %s: exiting now, without a checkpoint (the last one stays)", name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        self.name = name
+        log.warning("%s: stopping at the next logging step with a checkpoint; again to exit at once", name)
 
 
 class _Window:
@@ -146,30 +157,42 @@ class TrainLoop:
 
     # ---- the run ----
 
-    def run(self, resume: bool) -> dict[str, float] | None:
-        """Train to the end of the schedule or a stop; returns the last evaluation's metrics."""
-        from tqdm import tqdm
-
-        if resume:
-            self._restore()
+    def run(self, resume_from: Path | None = None) -> dict[str, float] | None:
+        """Train, continuing from the checkpoint tag ``resume_from`` if given, to the end of the
+        schedule or a stop; returns the last evaluation's metrics."""
+        if resume_from is not None:
+            self._restore(resume_from)
         main = self.dist.is_main
         self.metrics = MetricsLog(self.run_dir, enabled=main, tensorboard=self.log_cfg.tensorboard)
+        # A bar on a terminal (log lines go above it); a plain line per logging window otherwise.
+        self.interactive = main and self.log_cfg.progress and sys.stderr.isatty()
         self.bar = tqdm(total=self.schedule.total_steps, initial=self.pos.step, unit="step", dynamic_ncols=True,
-                        disable=not main or not self.log_cfg.progress)
+                        disable=not self.interactive)
         self.window = _Window(self.trainer.loss_names, self.dist.device)
-        self.lr = 0.0
-        self.session_start, self.wall_at_start = time.perf_counter(), self.pos.wall_s
+        self.lr, self.last_means = 0.0, None
+        self.session_start, self.wall_at_start, self.step_at_start = time.perf_counter(), self.pos.wall_s, self.pos.step
         self.last_ckpt_time = time.perf_counter()
         try:
-            while self.pos.step < self.schedule.total_steps and self.pos.epoch < self.schedule.epochs:
-                if self._run_epoch():
-                    return self.last_eval
-                self._end_epoch()
-            log.info("done: %d steps; run folder %s", self.pos.step, self.run_dir)
+            with logging_redirect_tqdm():
+                while self.pos.step < self.schedule.total_steps and self.pos.epoch < self.schedule.epochs:
+                    if self._run_epoch():
+                        return self.last_eval
+                    self._end_epoch()
+                self._summary()
         finally:
             self.bar.close()
             self.metrics.close()
         return self.last_eval
+
+    def _summary(self) -> None:
+        """The closing line: what was trained, how fast, where everything is."""
+        seconds = self.pos.wall_s - self.wall_at_start
+        images = (self.pos.step - self.step_at_start) * self.schedule.accum * self.train.batch_size * self.dist.world
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in zip(self.trainer.loss_names, self.last_means or []))
+        log.info("done: step %d of %d, %.0f s of training this session (%.0f img/s); final %s; run folder %s "
+                 "(checkpoints/latest, metrics.jsonl%s)", self.pos.step, self.schedule.total_steps, seconds,
+                 images / max(seconds, 1e-9), losses or "loss not logged", self.run_dir,
+                 ", tb/" if self.log_cfg.tensorboard else "")
 
     def _run_epoch(self) -> bool:
         """Micro-batches to the end of this epoch or of the run; True when a stop request ended the run."""
@@ -249,7 +272,12 @@ class TrainLoop:
         if self.flops_per_image and self.peak_flops:
             record["mfu"] = self.flops_per_image * img_per_s / world / self.peak_flops
         self.metrics.log(record)
-        self.bar.set_postfix(loss=f"{means[0]:.4f}", img_s=f"{img_per_s:.0f}")
+        self.last_means = means
+        if self.interactive:
+            self.bar.set_postfix(loss=f"{means[0]:.4f}", img_s=f"{img_per_s:.0f}")
+        else:
+            log.info("step %d/%d  epoch %.2f  %s  lr %.3g  %.0f img/s", self.pos.step, self.schedule.total_steps,
+                     record["epoch"], "  ".join(f"{k} {v:.4f}" for k, v in zip(w.names, means)), self.lr, img_per_s)
         w.reset()
 
     def _evaluate(self) -> float:
@@ -300,14 +328,9 @@ class TrainLoop:
         log.info("checkpoint saved: %s", path)
         return path
 
-    def _restore(self) -> None:
-        """Continue from the newest intact checkpoint; metrics a crashed session logged after it are dropped."""
-        ckpt_dir = self.run_dir / "checkpoints"
-        restored = load_checkpoint(self.trainer.engine, ckpt_dir, self.arch)
-        if restored is None:
-            log.info("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
-            return
-        shared, own = restored
+    def _restore(self, tag_dir: Path) -> None:
+        """Continue from ``tag_dir``; metrics a crashed session logged after it are dropped."""
+        shared, own = load_checkpoint(self.trainer.engine, tag_dir)
         self.pos = Position(**shared["position"])
         torch.set_rng_state(own["torch_rng"])
         if self.dist.is_main:

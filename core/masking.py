@@ -3,7 +3,7 @@
 Three strategies, all computed for the whole batch on the training device (no per-sample
 Python loop, no host round trip):
 
-- ``symmetric``: the checkerboard of SYMMIM.md, cell size ``k`` patches, phase 0 or 1;
+- ``symmetric``: the checkerboard of docs/method.md, cell size ``k`` patches, phase 0 or 1;
 - ``random``: MAE's per-sample uniform mask at ratio ``r``;
 - ``block``: BEiT-style rectangles at ratio ``r``.
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -120,6 +121,7 @@ def _fp32_module_state(ckpt_dir: Path, tag: str, cfg) -> tuple[dict[str, Tensor]
     meta = torch.load(model_files[0], map_location="cpu", weights_only=False)
     stage = meta["ds_config"].get("zero_optimization", {}).get("stage", 0)
     if stage > 0:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")  # no detection warning
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag), f"fp32 master weights (ZeRO-{stage})"
@@ -178,6 +180,7 @@ def write_export(state: dict[str, Tensor], arch: dict, out: str | Path) -> tuple
     save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(out), metadata={"format": "pt"})
     meta = out.with_suffix(".json")
     meta.write_text(json.dumps(export_architecture(arch), indent=2) + "\n")
+    os.chmod(out, meta.stat().st_mode & 0o777)  # safetensors writes 0600: both files get the umask's mode
     return out, meta
 
 

@@ -8,28 +8,95 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed
+import yaml
 
-from symmim.core.checkpoint import CheckpointError
+from symmim.core.checkpoint import CheckpointError, resumable_tag
 from symmim.core.config import Config, ConfigError, load_config, save_config
 from symmim.core.distributed import DistInfo, init_distributed
 from symmim.core.loop import TrainingError
 from symmim.core.pretrained import WeightsError
+from symmim.core.schedules import Schedule
 from symmim.data.folder import DataError
 from symmim.kernels.dispatch import BackendError
 
 log = logging.getLogger("symmim")
-BAD_INPUT = (ConfigError, DataError, BackendError, CheckpointError, WeightsError)
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot take this launch (it holds another run)."""
+
+
+BAD_INPUT = (ConfigError, DataError, BackendError, CheckpointError, WeightsError, RunFolderError)
+CONFIG_HELP = """configuration: one schema (core/config.py) with sections model, mask, loss, data, optim,
+train, ds, kernels, eval, finetune, log. --config takes a YAML preset (a file, or the name of a
+shipped one: tiny_cpu, vit_b16_symmim, ...); --set section.key=value overrides any key (values
+are YAML); --print-config prints every key of the resolved config and exits."""
 
 
 def run_parser(description: str, example_config: str) -> argparse.ArgumentParser:
-    """``--config``, ``--output-dir``, ``--set``, ``--resume`` (and the DeepSpeed launcher's ``--local_rank``)."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", required=True, help=f"YAML preset, e.g. {example_config}")
-    p.add_argument("--output-dir", help="run folder (default runs/<config name>)")
+    """``--config``, ``--output-dir``, ``--set``, ``--resume``, ``--print-config`` (and the DeepSpeed
+    launcher's ``--local_rank``)."""
+    p = argparse.ArgumentParser(description=description, epilog=CONFIG_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help=f"YAML preset or its name, e.g. {example_config}")
+    p.add_argument("--output-dir", help="run folder (default runs/<config name>); one run per folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (every key) and exit")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p
+
+
+class RunFolder:
+    """A run's folder: one run per folder, and nothing written into it before the launch is accepted.
+
+    A new run into a folder that holds one is refused (``--resume`` continues it, a fresh
+    ``--output-dir`` starts another); the launcher checks everything else it can (data, the
+    checkpoint to resume) before :meth:`accept` writes ``config.yaml``.
+    """
+
+    MARKERS = ("config.yaml", "checkpoints", "metrics.jsonl")
+
+    def __init__(self, path: Path, resume: bool):
+        self.path, self.resume = path, resume
+        held = [m for m in self.MARKERS if (path / m).exists()]
+        if held and not resume:
+            raise RunFolderError(f"{path} holds a run already ({', '.join(held)}): continue it with --resume, "
+                                 "or start this one in a new --output-dir")
+        self.previous = load_config(path / "config.yaml") if resume and (path / "config.yaml").is_file() else None
+
+    def resumable(self, arch: dict, world: int) -> Path | None:
+        """The checkpoint tag to continue from (None: start from scratch), checked against ``arch`` and
+        the world size before any engine is built."""
+        if not self.resume:
+            return None
+        tag = resumable_tag(self.path / "checkpoints", arch, world)
+        if tag is None:
+            log.info("--resume: no checkpoint in %s, starting from scratch", self.path / "checkpoints")
+        return tag
+
+    def accept(self, cfg: Config, dist_info: DistInfo) -> None:
+        """The launch is valid: create the folder and write the resolved ``config.yaml`` (rank 0)."""
+        if dist_info.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.path / "config.yaml")
+
+
+def config_changes(previous: Config, cfg: Config) -> dict[str, tuple]:
+    """``dotted.key -> (before, now)`` for every key that differs."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "extra" else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(previous.to_dict()), flat(cfg.to_dict())
+    return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+
+
+SCHEDULE_KEYS = ("train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum", "optim.", "loss.momentum",
+                 "finetune.epochs", "finetune.max_steps", "finetune.lr", "finetune.base_lr", "finetune.min_lr",
+                 "finetune.warmup_epochs")
 
 
 def setup_logging(rank: int) -> None:
@@ -40,37 +107,51 @@ def setup_logging(rank: int) -> None:
     )
 
 
-def launch(args: argparse.Namespace, train: Callable[[Config, Path, DistInfo], None],
+def explain_resume(previous: Config | None, cfg: Config, plan: Callable[[Config], Schedule], step: int) -> None:
+    """Say what a resume changes; for keys the schedules depend on, what the schedules now do.
+    ``plan`` gives a config's schedule (the lr and momentum curves over this run's steps)."""
+    changes = config_changes(previous, cfg) if previous else {}
+    if not changes:
+        return
+    log.warning("resume changes %s", "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+    if any(k.startswith(SCHEDULE_KEYS) for k in changes):
+        old, new = plan(previous), plan(cfg)
+        log.warning("the lr and EMA-momentum schedules are re-planned: %d steps (were %d), peak lr %.3g (was %.3g); "
+                    "at step %d the lr goes from %.3g to %.3g and the momentum from %.5f to %.5f", new.total_steps,
+                    old.total_steps, new.peak_lr, old.peak_lr, step, old.lr(step), new.lr(step), old.momentum(step + 1),
+                    new.momentum(step + 1))
+
+
+def launch(args: argparse.Namespace, train: Callable[[Config, RunFolder, DistInfo], None],
            adjust: Callable[[Config], None] | None = None) -> int:
-    """Load the config, join the process group, write ``config.yaml`` into the run folder, train.
+    """Load the config, check the run folder, join the process group, train (which accepts the
+    folder once its own checks pass).
 
     Returns the process exit code: 0 done (or stopped on request), 2 bad input (config, data,
-    weights, checkpoint, backend), 3 training could not go on, 1 anything else (logged with
-    its traceback and the rank).
+    weights, checkpoint, backend, run folder), 3 training could not go on, 1 anything else
+    (logged with its traceback).
     """
     faulthandler.enable()  # a crash in native code (DALI, NCCL) still leaves a Python traceback
     setup_logging(0)
-    rank = 0
     try:
         cfg = load_config(args.config, args.set)
         if adjust:
             adjust(cfg)
+        if args.print_config:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
+        folder = RunFolder(Path(args.output_dir or Path("runs") / Path(args.config).stem), args.resume)
         dist_info = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
-        rank = dist_info.rank
-        setup_logging(rank)
-        run_dir = Path(args.output_dir or Path("runs") / Path(args.config).stem)
-        if dist_info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-        train(cfg, run_dir, dist_info)
+        setup_logging(dist_info.rank)
+        train(cfg, folder, dist_info)
         torch.distributed.destroy_process_group()  # a clean exit: no communication thread torn down mid-flight
     except BAD_INPUT as err:
-        log.error("rank %d: %s%s", rank, "config error: " if isinstance(err, ConfigError) else "", err)
+        log.error("%s%s", "config error: " if isinstance(err, ConfigError) else "", err)
         return 2
     except TrainingError as err:
-        log.error("rank %d: %s", rank, err)
+        log.error("%s", err)
         return 3
     except Exception:
-        log.exception("rank %d failed", rank)
+        log.exception("failed")
         return 1
     return 0

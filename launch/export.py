@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="FILE.safetensors; FILE.json is written beside it")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # consolidating ZeRO shards imports it: no chatter
     try:
         state, arch = read_run(args.run_dir, args.tag)
         out, meta = write_export(state, arch, args.out)

@@ -4,7 +4,7 @@
     symmim-linprobe --config configs/linprobe_tiny_cpu.yaml --weights runs/tiny_cpu --output-dir runs/tiny_lin
     deepspeed --num_gpus 8 --module symmim.launch.finetune --config configs/vit_b16_finetune.yaml --weights exports/b16.safetensors
 
-Fine-tuning (MAE conventions, SYMMIM.md): AdamW with layer-wise lr decay, drop path, label
+Fine-tuning (MAE conventions, docs/method.md): AdamW with layer-wise lr decay, drop path, label
 smoothing, mixup / cutmix, warm-up then cosine, on the DeepSpeed engine (ZeRO, bf16).
 Linear probe: frozen encoder, BatchNorm without affine + linear head, LARS, no mixing, ZeRO-0
 (LARS needs whole weight matrices; the head is small). Training batches are random-resized
@@ -23,10 +23,10 @@ import dataclasses
 import json
 import logging
 import sys
-from pathlib import Path
 
 import torch
 
+from symmim.core.checkpoint import step_of
 from symmim.core.classify import evaluate
 from symmim.core.config import Config
 from symmim.core.distributed import DistInfo
@@ -36,7 +36,7 @@ from symmim.core.schedules import Schedule
 from symmim.data.eval_loader import train_val_splits
 from symmim.data.folder import DataError
 from symmim.data.torch_loader import TorchLoader
-from symmim.launch.common import launch, run_parser
+from symmim.launch.common import RunFolder, explain_resume, launch, run_parser
 
 log = logging.getLogger("symmim")
 
@@ -55,30 +55,41 @@ def recipe(cfg: Config, linear_probe: bool) -> str:
             f"label smoothing {ft.label_smoothing}")
 
 
-def train(cfg: Config, run_dir: Path, args: argparse.Namespace, dist: DistInfo, linear_probe: bool) -> dict:
+def plan(cfg: Config, batches_per_epoch: int, world: int) -> Schedule:
+    """The run's steps and lr curve (``finetune`` section)."""
+    t, ft = cfg.train, cfg.finetune
+    return Schedule.plan(batches_per_epoch, t.grad_accum, ft.epochs, ft.max_steps, t.batch_size * t.grad_accum * world,
+                         ft.lr, ft.base_lr, ft.warmup_epochs, ft.min_lr)
+
+
+def train(cfg: Config, folder: RunFolder, weights: str | None, dist: DistInfo, linear_probe: bool) -> dict:
     """Train, evaluating on val/ at each epoch end; returns the final ``{"top1", "top5"}``."""
-    t, ft, task = cfg.train, cfg.finetune, "linprobe" if linear_probe else "finetune"
-    torch.manual_seed(t.seed + dist.rank)
+    t, task = cfg.train, "linprobe" if linear_probe else "finetune"
     if cfg.data.format != "imagefolder":
         raise DataError(f"{task} reads labels from an ImageFolder tree: set data.format=imagefolder")
+    # The data set and the checkpoint to resume are checked before anything is written or built.
     train_items, val_items = train_val_splits(cfg.data)
     num_classes = len(train_items.classes)
-    tr = build_classifier_training(cfg, dist, num_classes, args.weights, linear_probe)
     loader = TorchLoader(train_items, cfg.data, cfg.model.img_size, t.batch_size, t.seed, dist.rank, dist.world,
                          dist.device, labels=True)
-    schedule = Schedule.plan(loader.steps_per_epoch, t.grad_accum, ft.epochs, ft.max_steps,
-                             t.batch_size * t.grad_accum * dist.world, ft.lr, ft.base_lr, ft.warmup_epochs, ft.min_lr)
+    arch = {**dataclasses.asdict(cfg.model), "task": task, "num_classes": num_classes, "pool": cfg.eval.pool}
+    resume_from = folder.resumable(arch, dist.world)
+    folder.accept(cfg, dist)
+    torch.manual_seed(t.seed + dist.rank)
+    tr = build_classifier_training(cfg, dist, num_classes, weights, linear_probe)
+    schedule = plan(cfg, loader.steps_per_epoch, dist.world)
     log.info("%s: %d classes, %.2fM trainable parameters, pool=%s; %s; %s", task, num_classes,
              sum(p.numel() for p in tr.model.parameters() if p.requires_grad) / 1e6, cfg.eval.pool,
              schedule.describe(), recipe(cfg, linear_probe))
+    if resume_from is not None:
+        explain_resume(folder.previous, cfg, lambda c: plan(c, loader.steps_per_epoch, dist.world), step_of(resume_from))
 
     def validate() -> dict[str, float]:
         result = evaluate(tr.model, val_items, cfg.model.img_size, cfg.eval.batch_size, cfg.data.workers, dist)
         return {"val_top1": result["top1"], "val_top5": result["top5"]}
 
-    arch = {**dataclasses.asdict(cfg.model), "task": task, "num_classes": num_classes, "pool": cfg.eval.pool}
-    loop = TrainLoop(tr, loader, schedule, run_dir, dist, t, cfg.log, arch, evaluation=Evaluation(validate, 1))
-    final = loop.run(args.resume) or validate()
+    loop = TrainLoop(tr, loader, schedule, folder.path, dist, t, cfg.log, arch, evaluation=Evaluation(validate, 1))
+    final = loop.run(resume_from) or validate()
     return {"top1": final["val_top1"], "top5": final["val_top5"]}
 
 
@@ -91,12 +102,13 @@ def main(argv: list[str] | None = None, linear_probe: bool = False) -> int:
             log.info("linear probe: ZeRO stage 0 instead of %d (LARS needs whole weight matrices)", cfg.ds.zero_stage)
             cfg.ds.zero_stage = 0
 
-    def run(cfg: Config, run_dir: Path, dist: DistInfo) -> None:
-        result = train(cfg, run_dir, args, dist, linear_probe)
+    def run(cfg: Config, folder: RunFolder, dist: DistInfo) -> None:
+        result = train(cfg, folder, args.weights, dist, linear_probe)
         if dist.is_main:
             record = {"task": "linprobe" if linear_probe else "finetune", **result, "weights": args.weights}
-            (run_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-            log.info("%s: val top-1 %.2f%%, top-5 %.2f%% -> %s", task, result["top1"], result["top5"], run_dir / "results.json")
+            out = folder.path / "results.json"
+            out.write_text(json.dumps(record, indent=2) + "\n")
+            log.info("%s: val top-1 %.2f%%, top-5 %.2f%% -> %s", task, result["top1"], result["top5"], out)
             print(json.dumps(record))
 
     return launch(args, run, adjust)

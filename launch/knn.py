@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(0)
     try:
         cfg = load_config(args.config, args.set)
-        dist_info = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
+        dist_info = init_distributed(cfg.train.device, cfg.train.dist_timeout_min, deepspeed=False)
         setup_logging(dist_info.rank)
         m = cfg.model
         encoder = ViTEncoder(m.size, m.img_size, m.patch_size, resolve_backends(cfg.kernels, dist_info.device))

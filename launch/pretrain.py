@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from symmim.core.checkpoint import step_of
 from symmim.core.config import Config
 from symmim.core.distributed import DistInfo
 from symmim.core.flops import train_flops_per_image
@@ -28,7 +29,7 @@ from symmim.core.recon import ReconPictures
 from symmim.core.schedules import Schedule
 from symmim.data.loader import build_train_loader, data_root
 from symmim.data.torch_loader import load_eval_images
-from symmim.launch.common import launch, run_parser
+from symmim.launch.common import RunFolder, explain_resume, launch, run_parser
 
 log = logging.getLogger("symmim")
 
@@ -47,32 +48,42 @@ def recon_pictures(cfg: Config, tr: Training, run_dir: Path, dist: DistInfo) -> 
                          run_dir / "recon")
 
 
-def train(cfg: Config, run_dir: Path, resume: bool, dist: DistInfo) -> None:
+def plan(cfg: Config, batches_per_epoch: int, world: int) -> Schedule:
+    """The run's steps, lr and EMA-momentum curves."""
     t, o = cfg.train, cfg.optim
+    return Schedule.plan(batches_per_epoch, t.grad_accum, t.epochs, t.max_steps, t.batch_size * t.grad_accum * world,
+                         o.lr, o.base_lr, o.warmup_epochs, o.min_lr, momentum=(cfg.loss.momentum, cfg.loss.momentum_end))
+
+
+def train(cfg: Config, folder: RunFolder, dist: DistInfo) -> None:
+    t = cfg.train
+    # The data set and the checkpoint to resume are checked before anything is written or built.
+    loader = build_train_loader(cfg.data, cfg.model.img_size, t.batch_size, t.seed, dist.rank, dist.world, dist.device)
+    resume_from = folder.resumable(architecture(cfg), dist.world)
+    folder.accept(cfg, dist)
     torch.manual_seed(t.seed + dist.rank)
     tr = build_training(cfg, dist)
     log.info("device %s, %d process(es); %s; precision %s; %s", dist.device, dist.world, tr.backends.describe(),
              t.precision, tr.describe())
-    loader = build_train_loader(cfg.data, cfg.model.img_size, t.batch_size, t.seed, dist.rank, dist.world, dist.device)
-    schedule = Schedule.plan(loader.steps_per_epoch, t.grad_accum, t.epochs, t.max_steps,
-                             t.batch_size * t.grad_accum * dist.world, o.lr, o.base_lr, o.warmup_epochs, o.min_lr,
-                             momentum=(cfg.loss.momentum, cfg.loss.momentum_end))
+    schedule = plan(cfg, loader.steps_per_epoch, dist.world)
     flops = train_flops_per_image(cfg)
     params = sum(getattr(p, "ds_numel", p.numel()) for p in tr.model.parameters() if p.requires_grad)  # ZeRO-3: full size
     log.info("model: %.1fM trainable parameters, %.1f GFLOP per image per step; %s",
              params / 1e6, flops / 1e9, schedule.describe())
+    if resume_from is not None:
+        explain_resume(folder.previous, cfg, lambda c: plan(c, loader.steps_per_epoch, dist.world), step_of(resume_from))
     knn = None
     if cfg.eval.knn_every_epochs:
         knn = Evaluation(lambda: knn_accuracy(tr.encoder, cfg.eval, cfg.data, cfg.model.img_size, dist),
                          cfg.eval.knn_every_epochs)
-    loop = TrainLoop(tr, loader, schedule, run_dir, dist, t, cfg.log, architecture(cfg), evaluation=knn,
-                     epoch_end=recon_pictures(cfg, tr, run_dir, dist), flops_per_image=flops)
-    loop.run(resume)
+    loop = TrainLoop(tr, loader, schedule, folder.path, dist, t, cfg.log, architecture(cfg), evaluation=knn,
+                     epoch_end=recon_pictures(cfg, tr, folder.path, dist), flops_per_image=flops)
+    loop.run(resume_from)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return launch(args, lambda cfg, run_dir, dist: train(cfg, run_dir, args.resume, dist))
+    return launch(args, train)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Analytic FLOPs against torch's FLOP counter, and the SYMMIM.md planning figures."""
+"""Analytic FLOPs against torch's FLOP counter, and the docs/method.md planning figures."""
 from __future__ import annotations
 
 import pytest
@@ -22,7 +22,7 @@ def test_encoder_flops_match_torch_flop_counter():
 
 
 def test_vit_b16_planning_figures():
-    """SYMMIM.md: MAE-75% about 55 GFLOP, SymMIM about 97 GFLOP per image, ratio ~1.75."""
+    """docs/method.md: MAE-75% about 55 GFLOP, SymMIM about 97 GFLOP per image, ratio ~1.75."""
     symmim = train_flops_per_image(load_config("configs/vit_b16_symmim.yaml")) / 1e9
     mae = train_flops_per_image(load_config("configs/vit_b16_mae.yaml")) / 1e9
     assert symmim == pytest.approx(97, rel=0.1)
