@@ -55,8 +55,11 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, arch: dict, keep: int) -> Path:
-    """Save on every rank (collective); the tag becomes ``latest`` once complete."""
+def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, arch: dict, keep: int,
+                    layout: dict | None = None) -> Path:
+    """Save on every rank (collective); the tag becomes ``latest`` once complete. ``layout`` (ZeRO
+    stage, micro batch, accumulation) is recorded beside the world size: what a resume on another
+    number of processes needs to know."""
     rank, world = dist.get_rank(), dist.get_world_size()
     tag = step_tag(step)
     tag_dir = ckpt_dir / tag
@@ -69,7 +72,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, rank_
     dist.barrier()  # every rank's files are on disk
     if rank == 0:
         files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
-        _write_atomic(tag_dir / MANIFEST, json.dumps({"step": step, "world_size": world, "arch": arch, "files": files}, indent=1))
+        manifest = {"step": step, "world_size": world, "layout": layout or {}, "arch": arch, "files": files}
+        _write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
         _write_atomic(ckpt_dir / "latest", tag)
         for old in [t for t in _tags(ckpt_dir) if t != tag_dir][:-keep + 1 or None] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -77,7 +81,11 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, rank_
     return tag_dir
 
 
-def _problem(tag_dir: Path, world: int, arch: dict) -> str | None:
+def read_manifest(tag_dir: Path) -> dict:
+    return json.loads((tag_dir / MANIFEST).read_text())
+
+
+def _problem(tag_dir: Path, world: int, arch: dict, zero_stage: int) -> str | None:
     """Why ``tag_dir`` cannot be resumed by this run, or None if it can."""
     try:
         manifest = json.loads((tag_dir / MANIFEST).read_text())
@@ -91,18 +99,22 @@ def _problem(tag_dir: Path, world: int, arch: dict) -> str | None:
         diff = {k: (manifest["arch"].get(k), v) for k, v in arch.items() if manifest["arch"].get(k) != v}
         detail = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(f"{tag_dir} holds another model ({detail}); use the run's own config or a new --output-dir")
-    if manifest["world_size"] != world:
+    saved_stage = manifest.get("layout", {}).get("zero_stage")
+    if saved_stage is not None and saved_stage != zero_stage and 0 in (saved_stage, zero_stage):
+        raise CheckpointError(f"{tag_dir} was written under ZeRO-{saved_stage}, this run uses ZeRO-{zero_stage}: the "
+                              f"optimizer state is laid out differently; resume with ds.zero_stage={saved_stage}")
+    if manifest["world_size"] != world and not saved_stage == zero_stage == 0:
         raise CheckpointError(
-            f"{tag_dir} was written by {manifest['world_size']} processes, this run has {world}. ZeRO optimizer "
-            "shards and per-rank data positions belong to the process count: resume with the same number of "
-            "processes, or export the weights (symmim-export) and start a new run from them"
+            f"{tag_dir} was written by {manifest['world_size']} processes under ZeRO-{saved_stage}, this run has "
+            f"{world}. Only ZeRO-0 checkpoints (the optimizer state whole in one file) resume on another number of "
+            "processes: resume with the same number, or export the weights (symmim-export) and start a new run"
         )
     return None
 
 
-def resumable_tag(ckpt_dir: Path, arch: dict, world: int) -> Path | None:
-    """The newest intact tag the run wrote that this run (``arch``, ``world`` processes) can resume,
-    or None if there is none; needs no engine, so it is checked before one is built.
+def resumable_tag(ckpt_dir: Path, arch: dict, world: int, zero_stage: int) -> Path | None:
+    """The newest intact tag the run wrote that this run (``arch``, ``world`` processes, ZeRO stage)
+    can resume, or None if there is none; needs no engine, so it is checked before one is built.
 
     A damaged or incomplete tag is skipped with a warning naming it; a checkpoint of another
     model or another world size raises :class:`CheckpointError`.
@@ -111,7 +123,7 @@ def resumable_tag(ckpt_dir: Path, arch: dict, world: int) -> Path | None:
     for tag_dir in [t for t in tags if not (t / MANIFEST).is_file()]:  # oldest by history: say so now
         log.warning("skipping checkpoint %s: incomplete (no manifest.json: the save was interrupted)", tag_dir)
     for tag_dir in reversed([t for t in tags if (t / MANIFEST).is_file()]):
-        problem = _problem(tag_dir, world, arch)
+        problem = _problem(tag_dir, world, arch, zero_stage)
         if problem:
             log.warning("skipping checkpoint %s: %s", tag_dir, problem)
             continue
@@ -119,11 +131,15 @@ def resumable_tag(ckpt_dir: Path, arch: dict, world: int) -> Path | None:
     return None
 
 
-def load_checkpoint(engine, tag_dir: Path) -> tuple[dict, dict]:
-    """Restore the tag ``tag_dir`` (see :func:`resumable_tag`): ``(client_state, rank_state)``."""
+def load_checkpoint(engine, tag_dir: Path) -> tuple[dict, dict | None]:
+    """Restore the tag ``tag_dir`` (see :func:`resumable_tag`): ``(client_state, rank_state)``; the
+    rank state is None when the tag was written by another number of processes (it is per rank)."""
     path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
-    rank_state = torch.load(tag_dir / f"rank{dist.get_rank()}_state.pt", weights_only=False)
-    log.info("resumed from %s", tag_dir)
+    saved_world = read_manifest(tag_dir)["world_size"]
+    rank_state = None
+    if saved_world == dist.get_world_size():
+        rank_state = torch.load(tag_dir / f"rank{dist.get_rank()}_state.pt", weights_only=False)
+    log.info("resumed from %s%s", tag_dir, "" if rank_state else f" (written by {saved_world} processes)")
     return client_state, rank_state

@@ -67,7 +67,7 @@ class ClassifierTraining:
     def rank_state_dict(self) -> dict:
         return {}
 
-    def load_state_dict(self, state: dict, rank_state: dict) -> None:
+    def load_state_dict(self, state: dict, rank_state: dict | None) -> None:
         pass
 
 

@@ -52,6 +52,7 @@ class Position:
     micro: int = 0  # micro-batches consumed in this epoch (this rank)
     step: int = 0  # optimizer steps
     wall_s: float = 0.0  # training seconds, summed over resumed sessions, evaluation excluded
+    images: int = 0  # images consumed in this epoch by all ranks together (set when saved)
 
 
 class Trainer(Protocol):
@@ -73,7 +74,8 @@ class Trainer(Protocol):
     def rank_state_dict(self) -> dict:
         """This rank's own state (e.g. its random streams)."""
 
-    def load_state_dict(self, state: dict, rank_state: dict) -> None: ...
+    def load_state_dict(self, state: dict, rank_state: dict | None) -> None:
+        """``rank_state`` is None when the checkpoint was written by another number of processes."""
 
 
 class Loader(Protocol):
@@ -83,7 +85,9 @@ class Loader(Protocol):
 
     def state_dict(self) -> dict: ...
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def load_state_dict(self, state: dict | None) -> None:
+        """None: the position was written by another number of processes; the next ``epoch`` call
+        starts at its ``start_step`` without replaying the batches before it."""
 
 
 @dataclass
@@ -321,19 +325,35 @@ class TrainLoop:
 
     def _checkpoint(self, directory: Path | None = None) -> Path:
         """Save the engine, the trainer's and loader's state and the position (every rank)."""
+        self.pos.images = self.pos.micro * self.train.batch_size * self.dist.world
         shared = {"position": vars(self.pos).copy(), **self.trainer.state_dict()}
         own = {**self.trainer.rank_state_dict(), "loader": self.loader.state_dict(), "torch_rng": torch.get_rng_state()}
+        layout = {"zero_stage": self.trainer.engine.zero_optimization_stage(), "batch_size": self.train.batch_size,
+                  "grad_accum": self.train.grad_accum}
         path = save_checkpoint(self.trainer.engine, directory or self.run_dir / "checkpoints", self.pos.step, shared, own,
-                               self.arch, self.train.keep_checkpoints)
+                               self.arch, self.train.keep_checkpoints, layout)
         log.info("checkpoint saved: %s", path)
         return path
 
     def _restore(self, tag_dir: Path) -> None:
-        """Continue from ``tag_dir``; metrics a crashed session logged after it are dropped."""
+        """Continue from ``tag_dir``; metrics a crashed session logged after it are dropped.
+
+        Written by another number of processes (ZeRO-0 only), the position carries over in
+        images: this run continues the epoch at the same image count, its random streams (torch,
+        masks) derived anew from the step and rank, its data order as the loader can resume it.
+        """
         shared, own = load_checkpoint(self.trainer.engine, tag_dir)
         self.pos = Position(**shared["position"])
-        torch.set_rng_state(own["torch_rng"])
         if self.dist.is_main:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.pos.step)
         self.trainer.load_state_dict(shared, own)
+        if own is None:
+            per_micro = self.train.batch_size * self.dist.world
+            self.pos.micro = self.pos.images // per_micro
+            torch.manual_seed(1_000_003 * self.pos.step + self.dist.rank)
+            self.loader.load_state_dict(None)
+            log.info("position carried over in images: epoch %d, %d images in (micro-batch %d on each of %d processes)",
+                     self.pos.epoch, self.pos.images, self.pos.micro, self.dist.world)
+            return
+        torch.set_rng_state(own["torch_rng"])
         self.loader.load_state_dict(own.get("loader", {}))

@@ -195,6 +195,10 @@ class MaskGenerator:
     def momentum(self, batch: int) -> Mask:
         return self._make(batch, self.cfg.coarse_cell)
 
+    def reseed(self, seed: int) -> None:
+        self.host_rng.manual_seed(seed)
+        self.device_rng.manual_seed(seed)
+
     def state_dict(self) -> dict:
         return {"host": self.host_rng.get_state(), "device": self.device_rng.get_state()}
 

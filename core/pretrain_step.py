@@ -177,10 +177,15 @@ class Training:
     def rank_state_dict(self) -> dict:
         return {"masks": self.masks.state_dict()}
 
-    def load_state_dict(self, state: dict, rank_state: dict) -> None:
+    def load_state_dict(self, state: dict, rank_state: dict | None) -> None:
+        """``rank_state`` None (another number of processes wrote it): the mask streams start anew,
+        seeded from the step of the checkpoint and this rank."""
         if self.momentum is not None:
             self.momentum.load_state_dict(state["momentum"])
-        self.masks.load_state_dict(rank_state["masks"])
+        if rank_state is None:
+            self.masks.reseed(1_000_003 * state["position"]["step"] + self.dist.rank)
+        else:
+            self.masks.load_state_dict(rank_state["masks"])
 
     def _ema_update(self, momentum: float | Tensor) -> None:
         """EMA step from the fp32 masters where the optimizer keeps them; under ZeRO-3 the online

@@ -171,7 +171,12 @@ class DaliLoader:
     def state_dict(self) -> dict:
         return {"dali": self._iterator.checkpoints()[0]}
 
-    def load_state_dict(self, state: dict) -> None:
-        if "dali" in state:
+    def load_state_dict(self, state: dict | None) -> None:
+        """Restore DALI's own checkpoint. None (written by another number of processes, whose shards
+        differ): the next epoch call starts at its ``start_step`` from a fresh pass over this rank's
+        shard, so the epoch keeps its length in images while the rest of its order is drawn anew."""
+        if state is None:
+            self._restored = True
+        elif "dali" in state:
             self._iterator = self._make_iterator(state["dali"])
             self._restored = True

@@ -110,10 +110,13 @@ class TorchLoader:
         self.name = f"torch DataLoader ({self.workers} workers, PIL decode on cpu)"
 
     def _indices(self, epoch: int) -> list[int]:
-        """This rank's sample indices for ``epoch``: a disjoint slice of one global permutation."""
+        """This rank's sample indices for ``epoch``: micro-batch ``s`` of rank ``r`` is the ``r``-th slice
+        of global batch ``s`` of one permutation of the data set, so the order in images does not
+        depend on the number of processes (a resume on another number continues it exactly)."""
         g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
         used = self.steps_per_epoch * self.batch * self.world
-        return torch.randperm(len(self.dataset), generator=g)[:used][self.rank :: self.world].tolist()
+        perm = torch.randperm(len(self.dataset), generator=g)[:used]  # [steps * W * B]
+        return perm.view(self.steps_per_epoch, self.world, self.batch)[:, self.rank].reshape(-1).tolist()
 
     def epoch(self, epoch: int, start_step: int = 0, stop_step: int | None = None) -> Iterator:
         """Batches ``[B, 3, S, S]`` (float, normalised; with labels ``[B]``) of ``epoch``, ``start_step`` to ``stop_step``."""
@@ -130,8 +133,8 @@ class TorchLoader:
     def state_dict(self) -> dict:
         return {}  # the trainer's (epoch, step) is the whole position
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def load_state_dict(self, state: dict | None) -> None:
+        pass  # the order is a function of (seed, epoch, position in images): nothing to restore
 
 
 def load_eval_images(root: str | Path, count: int, size: int) -> torch.Tensor:

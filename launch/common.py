@@ -10,7 +10,7 @@ from pathlib import Path
 import torch.distributed
 import yaml
 
-from symmim.core.checkpoint import CheckpointError, resumable_tag
+from symmim.core.checkpoint import CheckpointError, read_manifest, resumable_tag
 from symmim.core.config import Config, ConfigError, load_config, save_config
 from symmim.core.distributed import DistInfo, init_distributed
 from symmim.core.loop import TrainingError
@@ -65,14 +65,19 @@ class RunFolder:
                                  "or start this one in a new --output-dir")
         self.previous = load_config(path / "config.yaml") if resume and (path / "config.yaml").is_file() else None
 
-    def resumable(self, arch: dict, world: int) -> Path | None:
-        """The checkpoint tag to continue from (None: start from scratch), checked against ``arch`` and
-        the world size before any engine is built."""
+    def resumable(self, arch: dict, cfg: Config, world: int) -> Path | None:
+        """The checkpoint tag to continue from (None: start from scratch), checked against ``arch``, the
+        ZeRO stage and the world size before any engine is built. On another number of processes
+        (ZeRO-0) ``train.grad_accum`` adapts so that the global batch stays what it was."""
         if not self.resume:
             return None
-        tag = resumable_tag(self.path / "checkpoints", arch, world)
+        tag = resumable_tag(self.path / "checkpoints", arch, world, cfg.ds.zero_stage)
         if tag is None:
             log.info("--resume: no checkpoint in %s, starting from scratch", self.path / "checkpoints")
+            return None
+        manifest = read_manifest(tag)
+        if manifest["world_size"] != world:
+            keep_global_batch(cfg, manifest["layout"], manifest["world_size"], world)
         return tag
 
     def accept(self, cfg: Config, dist_info: DistInfo) -> None:
@@ -80,6 +85,26 @@ class RunFolder:
         if dist_info.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.path / "config.yaml")
+
+
+def keep_global_batch(cfg: Config, layout: dict, saved_world: int, world: int) -> None:
+    """Set ``train.grad_accum`` so that ``world`` processes keep the global batch a checkpoint of
+    ``saved_world`` processes trained with; ConfigError saying what to set when no integer does.
+    A micro batch or accumulation the user changed on purpose is left as it is (a new global batch)."""
+    t, saved = cfg.train, (layout["batch_size"], layout["grad_accum"])
+    global_batch = saved[0] * saved[1] * saved_world
+    if (t.batch_size, t.grad_accum) != saved:
+        log.warning("resume on %d processes (was %d) with train.batch_size %d x train.grad_accum %d: the global batch "
+                    "goes from %d to %d", world, saved_world, t.batch_size, t.grad_accum, global_batch,
+                    t.batch_size * t.grad_accum * world)
+        return
+    if global_batch % (t.batch_size * world):
+        raise ConfigError(f"train.grad_accum: no accumulation keeps the global batch of {global_batch} ({saved_world} "
+                          f"processes x {saved[0]} x {saved[1]}) on {world} processes of {t.batch_size} images; set "
+                          f"train.batch_size to a divisor of {global_batch // world}, or resume on {saved_world} processes")
+    t.grad_accum = global_batch // (t.batch_size * world)
+    log.info("resume on %d processes (was %d): train.grad_accum %d -> %d keeps the global batch of %d", world,
+             saved_world, saved[1], t.grad_accum, global_batch)
 
 
 def config_changes(previous: Config, cfg: Config) -> dict[str, tuple]:

@@ -59,7 +59,7 @@ def train(cfg: Config, folder: RunFolder, dist: DistInfo) -> None:
     t = cfg.train
     # The data set and the checkpoint to resume are checked before anything is written or built.
     loader = build_train_loader(cfg.data, cfg.model.img_size, t.batch_size, t.seed, dist.rank, dist.world, dist.device)
-    resume_from = folder.resumable(architecture(cfg), dist.world)
+    resume_from = folder.resumable(architecture(cfg), cfg, dist.world)
     folder.accept(cfg, dist)
     torch.manual_seed(t.seed + dist.rank)
     tr = build_training(cfg, dist)

@@ -1,0 +1,95 @@
+"""Resuming on another number of processes: ZeRO-0 checkpoints carry over (weights, Adam moments and
+fp32 masters, EMA branch, step, schedules, the epoch position in images, the global batch);
+ZeRO 1-3 checkpoints are refused on another count, and a change of ZeRO layout is refused."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from pretrain_runs import PRETRAIN, ROOT, clean_env, free_port, metrics, quiet, rewind, run
+
+pytestmark = pytest.mark.slow
+PROBE = str(ROOT / "tests" / "restore_probe.py")
+SETS = ("data.loader=torch", "train.batch_size=16", "train.max_steps=8", "train.ckpt_every_steps=4",
+        "log.every_steps=1", "log.recon_images=0", "optim.warmup_epochs=0.2")
+
+
+def launch(processes: int, args: list[str], probe: bool = False) -> list[str]:
+    """The command for ``processes`` CPU processes (the DeepSpeed launcher for two), optionally
+    through the probe that records the optimizer state right after a resume."""
+    script = [PROBE] if probe else [PRETRAIN]
+    if processes == 1:
+        return [sys.executable, *script, *args]
+    launcher = shutil.which("deepspeed") or pytest.skip("deepspeed launcher not on PATH")
+    return [launcher, "--num_gpus", "2", "--master_port", str(free_port()), *script, *args]
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_a_zero0_run_continues_on_another_number_of_processes(embedded_cache, tmp_path, monkeypatch, before, after):
+    accum = {1: 2, 2: 1}  # 32 images per optimizer step either way
+    args = quiet(embedded_cache, *SETS, f"train.grad_accum={accum[before]}")
+    first = tmp_path / "first"
+    run(launch(before, [*args, "--output-dir", str(first)]))
+    moved = tmp_path / "moved"
+    shutil.copytree(first, moved)
+    rewind(moved, 4)
+    probe = tmp_path / "restored.pt"
+    monkeypatch.setenv("SYMMIM_RESTORE_PROBE", str(probe))
+    proc = run(launch(after, [*args, "--output-dir", str(moved), "--resume"], probe=True))
+    log = proc.stdout + proc.stderr
+    assert f"train.grad_accum {accum[before]} -> {accum[after]} keeps the global batch of 32" in log
+    assert "position carried over in images: epoch 0, 128 images in" in log
+
+    # The Adam moments, step counts and masters come back exactly as they were saved.
+    saved = torch.load(first / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt", weights_only=False)["optimizer"]
+    restored = torch.load(probe, weights_only=False)
+    assert saved["state"].keys() == restored["state"].keys()
+    for i, state in saved["state"].items():
+        for key, value in state.items():
+            assert torch.equal(restored["state"][i][key], value), (i, key)
+
+    # The run goes on where it was: the same lr at every step, no warm-up restart, and the same
+    # images (the torch loader's order in images does not depend on the process count); only the
+    # masks are drawn anew (per-rank streams), so the reconstruction loss continues to within a
+    # percent. The contrastive loss is not comparable: its negatives are the keys of one micro-batch
+    # round across ranks, 32 on two processes, 16 per accumulated micro-batch on one.
+    a = {r["step"]: r for r in metrics(first) if "loss" in r}
+    b = {r["step"]: r for r in metrics(moved) if "loss" in r}
+    assert sorted(b) == list(range(1, 9))
+    assert all(a[s]["lr"] == b[s]["lr"] for s in range(1, 9))
+    for s in range(5, 9):
+        assert b[s]["loss_mim"] == pytest.approx(a[s]["loss_mim"], rel=1e-2), s
+
+
+def test_zero2_checkpoints_resume_only_on_their_own_process_count(embedded_cache, tmp_path):
+    launcher = shutil.which("deepspeed") or pytest.skip("deepspeed launcher not on PATH")
+    args = quiet(embedded_cache, *SETS, "ds.zero_stage=2", "train.max_steps=4")
+    run_dir = tmp_path / "z2"
+    run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), PRETRAIN, *args, "--output-dir", str(run_dir)])
+    proc = run([sys.executable, PRETRAIN, *args, "--output-dir", str(run_dir), "--resume"], expect=2)
+    assert "written by 2 processes under ZeRO-2, this run has 1" in proc.stderr
+    proc = run([sys.executable, PRETRAIN, *args, "--set", "ds.zero_stage=0", "--output-dir", str(run_dir), "--resume"],
+               expect=2)
+    assert "written under ZeRO-2, this run uses ZeRO-0" in proc.stderr
+    assert json.loads((run_dir / "checkpoints" / "step00000004" / "manifest.json").read_text())["layout"] == {
+        "zero_stage": 2, "batch_size": 16, "grad_accum": 1}
+
+
+def test_a_global_batch_that_cannot_be_kept_is_refused_with_what_to_set(embedded_cache, tmp_path):
+    """12 images per step on one process cannot be split over two processes of 12."""
+    launcher = shutil.which("deepspeed") or pytest.skip("deepspeed launcher not on PATH")
+    args = quiet(embedded_cache, *SETS, "train.batch_size=12", "train.max_steps=2", "train.ckpt_every_steps=1")
+    run_dir = tmp_path / "odd"
+    run([sys.executable, PRETRAIN, *args, "--output-dir", str(run_dir)])
+    before = (run_dir / "config.yaml").read_text()
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), PRETRAIN, *args,
+                           "--output-dir", str(run_dir), "--resume"], cwd=ROOT, env=clean_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "no accumulation keeps the global batch of 12 (1 processes x 12 x 1) on 2 processes of 12 images; set " \
+           "train.batch_size to a divisor of 6" in proc.stdout + proc.stderr
+    assert (run_dir / "config.yaml").read_text() == before
