@@ -75,7 +75,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, rank_
         manifest = {"step": step, "world_size": world, "layout": layout or {}, "arch": arch, "files": files}
         _write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
         _write_atomic(ckpt_dir / "latest", tag)
-        for old in [t for t in _tags(ckpt_dir) if t != tag_dir][:-keep + 1 or None] if keep > 0 else []:
+        older = [t for t in _tags(ckpt_dir) if t != tag_dir]  # the run's history, oldest first
+        for old in older[:max(len(older) - (keep - 1), 0)] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return tag_dir

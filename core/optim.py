@@ -46,6 +46,7 @@ class FusedAdamW(torch.optim.AdamW):
             groups = [{**g, "params": [p.detach().float().clone() for p in g["params"]]} for g in groups]
         super().__init__(groups, lr=0.0, betas=betas, fused=True)
         self.clip, self.reduce = clip, reduce
+        self._masters_by_param: dict[int, torch.Tensor] | None = None
         self.found_inf: torch.Tensor | None = None
         self.grad_norm: torch.Tensor | None = None
 
@@ -55,8 +56,10 @@ class FusedAdamW(torch.optim.AdamW):
         return [p for g in self.param_groups for p in g["params"]]
 
     def master_of(self) -> dict[int, torch.Tensor]:
-        """``id(module parameter) -> its fp32 master`` (the parameter itself without masters)."""
-        return {id(p): m for p, m in zip(self.model_params, self.params)}
+        """``id(module parameter) -> its fp32 master`` (the parameter itself without masters); built once."""
+        if self._masters_by_param is None:
+            self._masters_by_param = {id(p): m for p, m in zip(self.model_params, self.params)}
+        return self._masters_by_param
 
     @torch.no_grad()
     def _gradients(self) -> list[torch.Tensor]:
@@ -69,9 +72,10 @@ class FusedAdamW(torch.optim.AdamW):
             flat = torch.cat([g.reshape(-1) for g in grads]).div_(world)  # [all elements]
             dist.all_reduce(flat)
             grads = [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
+            if not self.has_masters:  # the fused step reads the module's own .grad: point it at the average
+                for p, g in zip(self.model_params, grads):
+                    p.grad = g
         if not self.has_masters:
-            for p, g in zip(self.model_params, grads):
-                p.grad = g
             return grads
         masters = self.params
         if masters[0].grad is None:

@@ -52,10 +52,11 @@ class PhaseTimer:
 class Training:
     """The pre-training objects of one rank and the step that drives them.
 
-    ``fast`` (``train.fast_step``): fp32 weights, the forward under autocast to ``dtype``, a
-    :class:`~symmim.core.optim.ClippedAdamW` that clips and skips non-finite steps on the device;
-    the step dispatches no host sync. Otherwise DeepSpeed's bf16/fp16 engine runs the weights in
-    ``dtype`` and a host sync decides each non-finite skip before backward.
+    ``fast`` (``train.fast_step``): a :class:`~symmim.core.optim.FusedAdamW` clips and skips
+    non-finite steps on the device; under ZeRO-0 the weights are in ``dtype`` with its fp32
+    masters, under ZeRO 1-3 they stay fp32 and the forward runs under autocast (``autocast``);
+    the ZeRO-0 step dispatches no host sync. Otherwise DeepSpeed's bf16/fp16 engine runs the
+    weights in ``dtype`` and a host sync decides each non-finite skip before backward.
     """
 
     dist: DistInfo
