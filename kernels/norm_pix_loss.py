@@ -7,6 +7,7 @@ import triton.language as tl
 from torch import Tensor
 
 from symmim.kernels.patches import patchify
+from symmim.kernels.triton_helpers import kernel_op, launch, load_patches
 
 
 def norm_pix_loss_reference(
@@ -29,47 +30,31 @@ def norm_pix_loss_reference(
 
 
 @triton.jit
-def _masked_diff(Pred, Img, Mask, N, W_GRID, P, K, s_pb, s_pn, s_pk, s_b, s_c, s_h, s_w, s_mb, s_mn, eps,
-                 NORM_PIX: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``pred - target`` ``[BLOCK_T, BLOCK_K]`` fp32 on this program's (image, patch block), 0 on visible
-    patches; the target patches are read from the image (visible ones never are) and normalised."""
+def _norm_pix_fwd(Pred, Img, Mask, Count, Partial, DPred, N, W_GRID, K, s_pb, s_pn, s_pk, s_b, s_c, s_h, s_w,
+                  s_mb, s_mn, eps, P: tl.constexpr, NORM_PIX: tl.constexpr, WITH_GRAD: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """On this program's (image, patch block): the masked patches' squared error summed over
+    ``K * count``, and with ``WITH_GRAD`` d loss / d pred ``= 2 (pred - target) / (K * count)`` there,
+    0 on the visible patches (whose pred and target are never read)."""
     b = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT] patch index
     e = tl.arange(0, BLOCK_K)  # [BK] channel-major (c, ph, pw) element of a patch vector
     masked = tl.load(Mask + b * s_mb + n * s_mn, mask=n < N, other=0) != 0  # [BT]
     valid = masked[:, None] & (e < K)[None, :]  # [BT, BK]
-    patch_off = b * s_b + (n // W_GRID) * P * s_h + (n % W_GRID) * P * s_w  # [BT] top-left pixel
-    elem_off = (e // (P * P)) * s_c + ((e // P) % P) * s_h + (e % P) * s_w  # [BK]
-    target = tl.load(Img + patch_off[:, None] + elem_off[None, :], mask=valid, other=0.0).to(tl.float32)
+    target = load_patches(Img, b, n // W_GRID, n % W_GRID, masked, e, K, s_b, s_c, s_h, s_w, P)  # [BT, BK]
+    target = target.to(tl.float32)
     if NORM_PIX:
         mean = tl.sum(target, axis=1) / K  # [BT]
         centred = tl.where(valid, target - mean[:, None], 0.0)
-        var = tl.sum(centred * centred, axis=1) / (K - 1)  # unbiased, as the reference
+        var = tl.sum(centred * centred, axis=1) / (K - 1)  # [BT] unbiased, as the reference
         target = centred / tl.sqrt(var + eps)[:, None]
-    pred = tl.load(Pred + b * s_pb + n[:, None] * s_pn + e[None, :] * s_pk, mask=valid, other=0.0)
-    return tl.where(valid, pred.to(tl.float32) - target, 0.0)
-
-
-@triton.jit
-def _norm_pix_fwd(Pred, Img, Mask, Partial, N, W_GRID, P, K, s_pb, s_pn, s_pk, s_b, s_c, s_h, s_w,
-                  s_mb, s_mn, eps, NORM_PIX: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Sum over the masked patches of this (image, patch block) of their mean squared error."""
-    diff = _masked_diff(Pred, Img, Mask, N, W_GRID, P, K, s_pb, s_pn, s_pk, s_b, s_c, s_h, s_w, s_mb, s_mn,
-                        eps, NORM_PIX, BLOCK_T, BLOCK_K)  # [BT, BK]
-    tl.store(Partial + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(diff * diff) / K)
-
-
-@triton.jit
-def _norm_pix_bwd(Pred, Img, Mask, DLoss, Count, DPred, N, W_GRID, P, K, s_pb, s_pn, s_pk, s_b, s_c, s_h,
-                  s_w, s_mb, s_mn, eps, NORM_PIX: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``dpred = dloss * 2 (pred - target) / (K * count)`` on masked patches, 0 elsewhere."""
-    diff = _masked_diff(Pred, Img, Mask, N, W_GRID, P, K, s_pb, s_pn, s_pk, s_b, s_c, s_h, s_w, s_mb, s_mn,
-                        eps, NORM_PIX, BLOCK_T, BLOCK_K)  # [BT, BK]
-    scale = 2.0 * tl.load(DLoss).to(tl.float32) / (K * tl.load(Count))
-    n = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
-    e = tl.arange(0, BLOCK_K)  # [BK]
-    ptrs = DPred + tl.program_id(0) * N * K + n[:, None] * K + e[None, :]  # dpred is contiguous [B, N, K]
-    tl.store(ptrs, (diff * scale).to(DPred.dtype.element_ty), mask=(n < N)[:, None] & (e < K)[None, :])
+    pred = tl.load(Pred + b * s_pb + n[:, None] * s_pn + e[None, :] * s_pk, mask=valid, other=0.0)  # [BT, BK]
+    diff = tl.where(valid, pred.to(tl.float32) - target, 0.0)  # [BT, BK]
+    scale = 1.0 / (K * tl.load(Count))
+    tl.store(Partial + b * tl.num_programs(1) + tl.program_id(1), tl.sum(diff * diff) * scale)
+    if WITH_GRAD:
+        ptrs = DPred + (b * N + n)[:, None] * K + e[None, :]  # dpred is contiguous [B, N, K]
+        tl.store(ptrs, (2.0 * scale * diff).to(DPred.dtype.element_ty), mask=(n < N)[:, None] & (e < K)[None, :])
 
 
 def _blocks(k: int) -> tuple[int, int, int]:
@@ -78,36 +63,37 @@ def _blocks(k: int) -> tuple[int, int, int]:
     return max(1, min(16, 4096 // block_k)), block_k, 8 if block_k >= 2048 else 4
 
 
-def _launch(kernel, pred: Tensor, images: Tensor, mask: Tensor, patch: int, norm_pix: bool, eps: float, *buffers):
-    """Run ``kernel`` on a ``(batch, patch block)`` grid; ``buffers`` go between the mask and the sizes."""
+@kernel_op("norm_pix_loss")
+def _norm_pix_loss(pred: Tensor, images: Tensor, mask: Tensor, patch: int, norm_pix: bool, eps: float,
+                   with_grad: bool) -> tuple[Tensor, Tensor]:
+    """``(loss, dpred)``: the fp32 scalar loss and, ``with_grad``, d loss / d pred ``[B, N, K]``
+    contiguous in ``pred``'s dtype (else an empty tensor)."""
     b, n, k = pred.shape
     block_t, block_k, warps = _blocks(k)
     grid = (b, triton.cdiv(n, block_t))
-    kernel[grid](
-        pred, images, mask, *buffers, n, images.shape[-1] // patch, patch, k, *pred.stride(),
-        *images.stride(), *mask.stride(), eps, NORM_PIX=norm_pix, BLOCK_T=block_t, BLOCK_K=block_k,
-        num_warps=warps,
-    )
+    count = mask.sum(dtype=torch.float32)  # stays on the device: no host sync
+    partial = torch.empty(grid, dtype=torch.float32, device=pred.device)  # [B, patch blocks]
+    dpred = torch.empty(pred.shape if with_grad else (0,), dtype=pred.dtype, device=pred.device)
+    launch(_norm_pix_fwd, grid, pred, images, mask, count, partial, dpred, n, images.shape[-1] // patch, k,
+           *pred.stride(), *images.stride(), *mask.stride(), eps, P=patch, NORM_PIX=norm_pix, WITH_GRAD=with_grad,
+           BLOCK_T=block_t, BLOCK_K=block_k, num_warps=warps)
+    return partial.sum(), dpred
 
 
-class _NormPixLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pred: Tensor, images: Tensor, mask: Tensor, patch: int, norm_pix: bool, eps: float):
-        b, n, _ = pred.shape
-        partial = torch.empty((b, triton.cdiv(n, _blocks(pred.shape[-1])[0])), dtype=torch.float32,
-                              device=pred.device)  # [B, patch blocks]
-        _launch(_norm_pix_fwd, pred, images, mask, patch, norm_pix, eps, partial)
-        count = mask.sum(dtype=torch.float32)  # stays on the device: no host sync
-        ctx.save_for_backward(pred, images, mask, count)
-        ctx.config = (patch, norm_pix, eps)
-        return partial.sum() / count
+def _save(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    _, dpred = output
+    ctx.mark_non_differentiable(dpred)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for dpred
+    ctx.save_for_backward(dpred)
 
-    @staticmethod
-    def backward(ctx, dloss: Tensor):
-        pred, images, mask, count = ctx.saved_tensors
-        dpred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)  # [B, N, K] contiguous
-        _launch(_norm_pix_bwd, pred, images, mask, *ctx.config, dloss.float().contiguous(), count, dpred)
-        return dpred, None, None, None, None, None
+
+def _backward(ctx, dloss: Tensor, _ddpred: None) -> tuple:
+    """The stored gradient scaled by the upstream scalar: ``dpred * dloss`` (one torch elementwise op)."""
+    (dpred,) = ctx.saved_tensors
+    return dpred * dloss if ctx.needs_input_grad[0] else None, None, None, None, None, None, None
+
+
+_norm_pix_loss.register_autograd(_backward, setup_context=_save)
 
 
 def norm_pix_loss_triton(
@@ -115,8 +101,11 @@ def norm_pix_loss_triton(
 ) -> Tensor:
     """Fused :func:`norm_pix_loss_reference`: fp32 scalar loss, gradient for ``pred`` only.
 
-    Forward and backward are Triton kernels that read the target patches straight from
-    ``images`` (only the masked ones) and never materialise the patchified target.
+    One Triton kernel reads pred and the target patches (straight from ``images``) of the masked
+    patches only, once: it sums the loss per block and, when ``pred`` needs a gradient, writes
+    d loss / d pred in the same pass; the backward only scales that by the upstream gradient.
+    Launches: forward three (the masked count, the kernel, the sum of its partials; no host
+    sync), backward one.
     """
     if pred.dim() != 3 or images.dim() != 4 or mask.dim() != 2:
         raise ValueError(
@@ -138,4 +127,5 @@ def norm_pix_loss_triton(
         raise ValueError("pred and images must be floating point")
     if images.device != pred.device or mask.device != pred.device:
         raise ValueError("pred, images and mask must be on the same device")
-    return _NormPixLoss.apply(pred, images, mask, patch, norm_pix, eps)
+    loss, _ = _norm_pix_loss(pred, images, mask, patch, norm_pix, eps, torch.is_grad_enabled() and pred.requires_grad)
+    return loss

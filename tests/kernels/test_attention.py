@@ -1,8 +1,8 @@
-"""Triton flash attention against the eager reference, output and dq, dk, dv."""
+"""Triton short-sequence attention against the eager reference: output and dq, dk, dv, eager and compiled."""
 import pytest
 import torch
 
-from symmim.kernels.attention import attention_reference, attention_triton
+from symmim.kernels.attention import MAX_TOKENS, attention_reference, attention_triton
 
 # fp32: ieee dots, only the summation order differs; fp16: P and dS are rounded to fp16 before
 # their matmuls (as flash attention does) and outputs are fp16; bf16: same with an 8-bit mantissa.
@@ -36,7 +36,7 @@ def _check(leaf, split, reference_dtype=None):
 @pytest.mark.parametrize(
     "batch, heads, tokens, head_dim",
     [(1, 1, 7, 16), (2, 3, 13, 32), (1, 2, 50, 24), (1, 1, 37, 64), (1, 2, 99, 64), (1, 1, 1, 64), (1, 1, 21, 128),
-     (1, 1, 17, 80)],
+     (1, 1, 17, 80), (3, 1, 16, 8), (1, 1, 197, 64), (1, 1, 256, 32)],
 )
 def test_matches_reference(batch, heads, tokens, head_dim, dtype, device):
     torch.manual_seed(0)
@@ -60,12 +60,33 @@ def test_rejects_bad_inputs(device):
     wide = torch.randn(1, 1, 4, 256, device=device)
     with pytest.raises(ValueError, match="head dim"):
         attention_triton(wide, wide, wide)
+    long = torch.randn(1, 1, MAX_TOKENS + 1, 16, device=device)
+    with pytest.raises(ValueError, match="at most 256 tokens"):
+        attention_triton(long, long, long)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_graph_runs_the_kernels(backend, device):
+    """The op is registered: ``torch.compile(fullgraph=True)`` traces a block's attention without a break
+    and gives the eager kernels' output and gradient."""
+    torch.manual_seed(3)
+    qkv = torch.randn(2, 11, 3, 2, 16, device=device, requires_grad=True)
+
+    def block(t):
+        return attention_triton(*_fused(t * 2.0)).sum(dim=1).square().sum()
+
+    (want,) = torch.autograd.grad(block(qkv), qkv)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=backend, fullgraph=True)
+    (got,) = torch.autograd.grad(compiled(qkv), qkv)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [50, 99, 197])
-def test_bf16_vit_b(tokens, device):
-    """ViT-B heads (12 x 64) at MAE-75%, SymMIM and full token counts; reference in fp32."""
+@pytest.mark.parametrize("heads, head_dim", [(12, 64), (16, 64), (8, 128)])  # ViT-B, ViT-L, wide heads
+@pytest.mark.parametrize("tokens", [50, 99, 197, 256])
+def test_bf16_vit_shapes(tokens, heads, head_dim, device):
+    """ViT heads at MAE-75%, SymMIM, full and longest token counts; reference in fp32."""
     torch.manual_seed(2)
-    qkv = torch.randn(4, tokens, 3, 12, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    qkv = torch.randn(4, tokens, 3, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     _check(qkv, _fused, reference_dtype=torch.float32)
