@@ -3,11 +3,13 @@
 #   1. installs the carried wheels in .whl/ (make them here first: bash benchmarks/gpu_wheels.sh),
 #   2. gpu-tests: the whole kernel test suite, compiled for the GPU: every kernel against its
 #      reference at the small awkward shapes (odd token counts, 1 token, batch 1, head dims 80
-#      and 128, LayerNorm widths up to 4100) in fp32 and fp16, and the GPU-marked tests: each
-#      kernel in bf16 at ViT-B shapes, the whole ViT-B SymMIM model in bf16 (Triton vs torch,
-#      both against fp32),
+#      and 128) in fp32 and fp16, and the GPU-marked tests: each kernel in bf16 at ViT-B and
+#      ViT-L shapes, the whole ViT-B SymMIM model in bf16 (Triton vs torch, both against fp32),
+#      the model compiled with the kernels as torch ops,
 #   3. timm-export: an exported encoder loads into timm (installed there, not here),
-#   4. kernels-bench: benchmarks/kernels.py, each kernel vs its eager reference, attention vs SDPA,
+#   4. kernels-bench: benchmarks/kernels.py, each kernel vs its eager reference, attention vs SDPA
+#      (its own choice, cuDNN, flash) at 50, 99, 197, 257 tokens; writes $OUT/measured.json, the
+#      per-shape winners that kernels.*=auto reads: copy it over kernels/measured.json and commit,
 #   5. throughput: benchmarks/throughput.py, ViT-B/16 224 px bf16, batch 128, synthetic input,
 #      SymMIM vs random-75%, optimized (the preset's fast step, ZeRO-0) vs reference system (eager
 #      ops, DeepSpeed's bf16 engine), with a profile of each run (kernels per step, GPU busy),
@@ -15,8 +17,8 @@
 #      throughput-compiled: the same with train.compile=true (torch.compile of the encoders,
 #      decoder and heads; the first steps compile),
 #   7. throughput-zero2: the optimized system under ZeRO-2 (fp32 weights under autocast),
-#   8. throughput-triton-all: the optimized system with our Triton attention and LayerNorm too
-#      (auto runs torch SDPA and LayerNorm, which measured faster; this shows when that changes).
+#   8. throughput-triton-all: the optimized system with every op on our Triton kernels
+#      (auto runs what kernels/measured.json says; this shows the all-Triton step beside it).
 # Everything lands in $OUT (the device tool's output folder; ./gpu_check_out elsewhere):
 # gpu_check.log, gpu_tests.xml, gpu_timm.xml, gpu_kernels.*, gpu_throughput*.json/.png.
 # Each step has its own time limit and a failing step does not stop the next; the benchmarks
@@ -70,19 +72,21 @@ step() {  # step NAME LIMIT_S COMMAND...
 }
 
 if [ $DRY = 1 ]; then  # tiny shapes on CPU, fp32
-  tests=(tests/kernels/test_layernorm.py) kernels=(--quick) throughput=(--quick) h200=(--quick)
-  triton_all=(--set kernels.layernorm=triton --profile-steps 0)  # Triton attention: minutes in the interpreter
+  tests=(tests/kernels/test_attention.py) kernels=(--quick) throughput=(--quick) h200=(--quick)
+  triton_all=(--set kernels.backend=triton --profile-steps 0)  # Triton attention: minutes in the interpreter
 else
   tests=(tests/kernels --junitxml "$OUT/gpu_tests.xml") kernels=()
   throughput=(--config vit_b16_symmim --batch 128 --steps 15 --warmup 5)
   h200=(--config vit_b16_symmim_h200 --steps 10 --warmup 3)
-  triton_all=(--set kernels.attention=triton --set kernels.layernorm=triton)
+  triton_all=(--set kernels.attention=triton --set kernels.backend=triton)
 fi
 for name in "${STEPS[@]}"; do
   case $name in
     gpu-tests) step "$name" 240 python3 -m pytest -q -rs "${tests[@]}" ;;
     timm-export) step "$name" 40 python3 -m pytest -q -rs tests/test_eval.py -k timm --junitxml "$OUT/gpu_timm.xml" ;;
-    kernels-bench) step "$name" 130 python3 benchmarks/kernels.py "${kernels[@]}" --json "$OUT/gpu_kernels.json" ;;
+    kernels-bench) cp kernels/measured.json "$OUT/measured.json"
+      step "$name" 130 python3 benchmarks/kernels.py "${kernels[@]}" --json "$OUT/gpu_kernels.json" \
+        --choices "$OUT/measured.json" ;;
     throughput) step "$name" 170 python3 benchmarks/throughput.py "${throughput[@]}" --json "$OUT/gpu_throughput.json" ;;
     throughput-h200) step "$name" 120 python3 benchmarks/throughput.py "${h200[@]}" --systems optimized \
       --json "$OUT/gpu_throughput_h200.json" ;;

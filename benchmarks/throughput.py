@@ -33,7 +33,7 @@ VARIANTS = {"symmim": [], "random75": ["mask.strategy=random", "mask.ratio=0.75"
 SYSTEMS = {
     "optimized": [],  # the config's kernels (auto in the presets); --set kernels.attention=... picks another
     # eager ops, the PyTorch loader and DeepSpeed's own bf16 engine: the step without our optimizations
-    "reference": ["kernels.backend=torch", "kernels.attention=torch", "kernels.layernorm=torch", "data.loader=torch",
+    "reference": ["kernels.backend=torch", "kernels.attention=torch", "data.loader=torch",
                   "train.fast_step=false"],
 }
 PHASES = ("data", "momentum_forward", "forward", "backward", "optimizer", "ema")

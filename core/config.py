@@ -124,12 +124,11 @@ class DeepSpeedConfig:
 
 @dataclass
 class KernelsConfig:
-    """Which implementation runs each hot-path op; ``auto`` is what measured fastest on an H200
-    (``benchmarks/results/h200_*.json``)."""
+    """Which implementation runs each hot-path op. ``auto``: on a GPU that ``kernels/measured.json``
+    lists, the fastest measured at the nearest shape, chosen per call shape; elsewhere torch."""
 
-    backend: Literal["auto", "triton", "torch"] = "auto"  # patch-gather-embed, norm-pix loss; auto: triton on CUDA
-    attention: Literal["auto", "triton", "sdpa", "xformers", "torch"] = "auto"  # auto: torch SDPA (flash on CUDA)
-    layernorm: Literal["auto", "triton", "torch"] = "auto"  # auto: torch
+    backend: Literal["auto", "triton", "torch"] = "auto"  # patch-gather-embed, norm-pix loss
+    attention: Literal["auto", "triton", "sdpa", "xformers", "torch"] = "auto"  # auto off the table: torch SDPA
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Parameter names follow timm's ``VisionTransformer`` (``cls_token``, ``pos_embed``,
 ``patch_embed.proj``, ``blocks.{i}.norm1``, ``blocks.{i}.attn.qkv`` ...), so exported
 weights load into timm without renaming. Each module takes its hot-path op (attention,
-LayerNorm, patch-gather-embed) from the resolved kernel backends when it is built.
+patch-gather-embed) from the resolved kernel backends when it is built; LayerNorm is torch's.
 """
 from __future__ import annotations
 
@@ -49,18 +49,9 @@ def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> Tensor:
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()[None]
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm over the last dimension with the backend's op (timm parameter names)."""
-
-    def __init__(self, dim: int, op: Callable[..., Tensor], eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
-        self.op = op
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.op(x, self.weight, self.bias, self.eps)
+def LayerNorm(dim: int) -> nn.LayerNorm:  # noqa: N802 - a module constructor, as timm's norm_layer
+    """torch's fused LayerNorm with ViT's epsilon (statistics in fp32 for half inputs)."""
+    return nn.LayerNorm(dim, eps=1e-6)
 
 
 class Attention(nn.Module):
@@ -112,9 +103,9 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, heads: int, backends: Backends, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
-        self.norm1 = LayerNorm(dim, backends.layer_norm_op)
+        self.norm1 = LayerNorm(dim)
         self.attn = Attention(dim, heads, backends.attention_op)
-        self.norm2 = LayerNorm(dim, backends.layer_norm_op)
+        self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -156,7 +147,7 @@ class ViTEncoder(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(s.dim, self.grid), persistent=True)  # [1, 1+N, D]
         rates = [drop_path * i / max(s.depth - 1, 1) for i in range(s.depth)]  # linear over depth
         self.blocks = nn.ModuleList(Block(s.dim, s.heads, backends, drop_path=r) for r in rates)
-        self.norm = LayerNorm(s.dim, backends.layer_norm_op)
+        self.norm = LayerNorm(s.dim)
         _init_weights(self)
         nn.init.normal_(self.cls_token, std=0.02)
 
@@ -186,7 +177,7 @@ class MAEDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed(dim, grid), persistent=True)  # [1, 1+N, Dd]
         self.blocks = nn.ModuleList(Block(dim, heads, backends) for _ in range(depth))
-        self.norm = LayerNorm(dim, backends.layer_norm_op)
+        self.norm = LayerNorm(dim)
         self.pred = nn.Linear(dim, patch * patch * 3)
         _init_weights(self)
         nn.init.normal_(self.mask_token, std=0.02)

@@ -12,6 +12,7 @@ import pytest
 
 from symmim.core.config import load_config
 from symmim.core.flops import train_flops_per_image
+from symmim.kernels.attention import MAX_TOKENS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,25 +30,43 @@ def _run_quick(script: str, tmp_path: Path, *args: str) -> dict:
 
 
 def test_kernels_quick(tmp_path):
-    """Every kernel is timed against its references, the ratios are the timings' ratios, and each
-    target is marked from the row it names."""
-    record = _run_quick("kernels", tmp_path)
+    """Every kernel is timed against its references, the ratios are the timings' ratios, each target
+    is marked from the row it names, and the per-shape winners written for ``auto`` are the rows'."""
+    choices = tmp_path / "measured.json"
+    choices.write_text(json.dumps({"Other GPU": {"source": "kept"}}))
+    record = _run_quick("kernels", tmp_path, "--choices", str(choices))
     rows = record["rows"]
-    assert {r["kernel"] for r in rows} == {"attention", "patch-embed", "norm-pix loss", "layernorm"}
+    assert {r["kernel"] for r in rows} == {"attention", "patch-embed", "norm-pix loss"}
     assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"} and "error" not in {r["pass"] for r in rows}
     for row in rows:
+        if row["kernel"] == "attention" and row["tokens"] > MAX_TOKENS:  # beyond the kernel: SDPA's alone
+            assert "triton_ms" not in row and row["sdpa_ms"] > 0, row
+            continue
         assert row["triton_x_eager"] == pytest.approx(row["eager_ms"] / row["triton_ms"]), row
         if row["kernel"] == "attention":
             assert row["triton_x_sdpa"] == pytest.approx(row["sdpa_ms"] / row["triton_ms"]), row
+            best = min(v for k, v in row.items() if k.startswith("sdpa") and k.endswith("_ms"))
+            assert row["triton_x_sdpa_best"] == pytest.approx(best / row["triton_ms"]), row
             assert row["triton_TFLOP/s"] == pytest.approx(row["eager_TFLOP/s"] * row["eager_ms"] / row["triton_ms"]), row
     # 32 px, patch 8: 16 patches; the checkerboard keeps 8 visible, random 75% keeps 4
     assert {r["shape"] for r in rows if r["kernel"] == "patch-embed"} == {"symmetric cell 1 (8 vis)", "random 75% (4 vis)"}
-    # patch-embed x2 masks, loss, attention at half and all patches visible
-    assert len(record["targets"]) == 5
+    assert {(r["width"], r["tokens"]) for r in rows if r["kernel"] == "attention"} == {
+        (d, n) for d in (32, 64) for n in (5, 9, 17, 257)}  # head dims 32 and 64 (the wide-head case)
+    # patch-embed x2 masks, loss, attention at 4 token counts (257: no Triton kernel, missed)
+    assert len(record["targets"]) == 7
     for target in record["targets"]:
         need = float(target["target"].split(">= ")[1].split("x")[0])
-        assert target["met"] == (target["measured"] >= need), target
-        assert any(target["measured"] in (r.get("triton_x_eager"), r.get("triton_x_sdpa")) for r in rows), target
+        assert target["met"] == (target["measured"] is not None and target["measured"] >= need), target
+        assert target["measured"] is None or any(
+            target["measured"] in (r.get("triton_x_eager"), r.get("triton_x_sdpa_best")) for r in rows), target
+    table = json.loads(choices.read_text())
+    assert table["Other GPU"] == {"source": "kept"}
+    mine = table[record["env"]["device"]]
+    for row in (r for r in rows if r["pass"] == "fwd+bwd"):
+        rival = "sdpa" if row["kernel"] == "attention" else "eager"
+        fastest = "triton" if row.get("triton_ms", float("inf")) < row[f"{rival}_ms"] else (
+            "sdpa" if rival == "sdpa" else "torch")
+        assert mine[row["kernel"]][str(row["width"])][str(row["tokens"])] == fastest, row
 
 
 def test_kernels_refuses_bf16_on_cpu():
@@ -75,7 +94,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert "gpu_check: all steps passed" in proc.stdout
     for name in ("gpu_check.log", "gpu_kernels.json", "gpu_kernels.png", "gpu_throughput.json", "gpu_throughput.png",
                  "gpu_throughput_h200.json", "gpu_throughput_compiled.json", "gpu_throughput_zero2.json",
-                 "gpu_throughput_triton_all.json"):
+                 "gpu_throughput_triton_all.json", "measured.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     record = json.loads((tmp_path / "gpu_throughput.json").read_text())
     assert {(r["variant"], r["system"]) for r in record["rows"]} == {
@@ -88,13 +107,13 @@ def test_gpu_check_dry_run(tmp_path):
         assert row["gflop_per_img"] == pytest.approx(flops[row["variant"]]) and row["mfu"] is None, row  # CPU: no peak
         assert abs(sum(row["split"].values()) - 1) < 1e-6 and row["profile"]["ops"], row
     assert record["ratios"]["symmim_vs_random75_flops"] == pytest.approx(flops["symmim"] / flops["random75"])
-    assert {r["backends"] for r in record["rows"]} == {"kernels: ops=torch attention=sdpa layernorm=torch",
-                                                      "kernels: ops=torch attention=torch layernorm=torch"}
+    assert {r["backends"] for r in record["rows"]} == {"kernels: ops=torch attention=sdpa",
+                                                      "kernels: ops=torch attention=torch"}
     assert {r["system"]: r["step"].split(",")[0] for r in record["rows"]} == {
         "optimized": "step: fast", "reference": "step: DeepSpeed's fp32 engine (train.fast_step=false; a host sync per step)"}
     triton = json.loads((tmp_path / "gpu_throughput_triton_all.json").read_text())
     assert {r["system"] for r in triton["rows"]} == {"optimized"}
-    assert {r["backends"] for r in triton["rows"]} == {"kernels: ops=torch attention=sdpa layernorm=triton"}  # dry run
+    assert {r["backends"] for r in triton["rows"]} == {"kernels: ops=triton attention=sdpa"}  # dry run
 
 
 def test_throughput_records_a_failed_run_and_measures_the_others(tmp_path):
@@ -133,3 +152,4 @@ def test_the_vit_b_fast_step_stays_within_its_host_budget(tmp_path):
     assert rows["symmim"]["ops"] <= 1200 and rows["symmim"]["syncs"] == 0, rows["symmim"]
     assert rows["random75"]["ops"] <= 750 and rows["random75"]["syncs"] == 0, rows["random75"]
     assert rows["symmim"]["host_reads"] <= 1  # the batch's checkerboard phase on the 7x7-cell grid: a host tensor
+

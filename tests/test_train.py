@@ -27,7 +27,7 @@ def test_single_process_run_learns_and_leaves_a_complete_run_folder(embedded_cac
                 "--output-dir", str(run_dir)])
     log = proc.stdout + proc.stderr
     assert "data: DALI (imagefolder" in log and "decode=cpu" in log  # the loader line names the backend
-    assert "kernels: ops=torch attention=sdpa layernorm=torch" in log
+    assert "kernels: ops=torch attention=sdpa" in log
     records = metrics(run_dir)
     knn = [r for r in records if "knn_top1" in r]
     records = [r for r in records if "loss" in r]

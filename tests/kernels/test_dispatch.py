@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from symmim.core.config import KernelsConfig
-from symmim.kernels.attention import attention_reference
-from symmim.kernels.dispatch import (ATTENTION, LAYER_NORM, NORM_PIX_LOSS, PATCH_EMBED, BackendError, Backends,
-                                     resolve_backends)
-from symmim.kernels.layernorm import layer_norm_reference
+from symmim.kernels import measured
+from symmim.kernels.attention import MAX_TOKENS, attention_reference
+from symmim.kernels.dispatch import ATTENTION, NORM_PIX_LOSS, PATCH_EMBED, BackendError, Backends, resolve_backends
+from symmim.kernels.measured import ByShape, nearest
 from symmim.kernels.norm_pix_loss import norm_pix_loss_reference
 from symmim.kernels.patch_embed import patch_embed_reference
 
@@ -23,11 +25,13 @@ def test_auto_resolves_to_ops_that_exist(device, monkeypatch):
     never a Triton kernel (which could not run there); the log line names what runs."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     backends = resolve_backends(KernelsConfig(), device)
-    assert backends.patch_embed_op is PATCH_EMBED[backends.ops] and backends.norm_pix_loss_op is NORM_PIX_LOSS[backends.ops]
-    assert backends.attention_op is ATTENTION[backends.attention] and backends.layer_norm_op is LAYER_NORM[backends.layernorm]
+    if backends.ops != "measured":
+        assert backends.patch_embed_op is PATCH_EMBED[backends.ops] and backends.norm_pix_loss_op is NORM_PIX_LOSS[backends.ops]
+    if backends.attention != "measured":
+        assert backends.attention_op is ATTENTION[backends.attention]
     if device == CPU:
-        assert "triton" not in (backends.ops, backends.attention, backends.layernorm)
-    assert backends.describe() == f"kernels: ops={backends.ops} attention={backends.attention} layernorm={backends.layernorm}"
+        assert (backends.ops, backends.attention) == ("torch", "sdpa")
+    assert backends.describe().startswith(f"kernels: ops={backends.ops} attention={backends.attention}")
 
 
 def test_the_torch_backend_is_the_reference():
@@ -36,27 +40,48 @@ def test_the_torch_backend_is_the_reference():
     assert torch_ops.patch_embed_op is patch_embed_reference and torch_ops.norm_pix_loss_op is norm_pix_loss_reference
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_layer_norm_matches_the_fp32_reference(dtype):
-    """The torch backend runs torch's fused LayerNorm (no casts around it); it computes what the
-    fp32 reference computes: bitwise in fp32, to bf16 rounding in bf16."""
-    torch.manual_seed(0)
-    x = (torch.randn(3, 5, 72) * 2 + 0.5).to(dtype)
-    w, b = (1 + 0.1 * torch.randn(72)).to(dtype), (0.1 * torch.randn(72)).to(dtype)
-    got, want = Backends().layer_norm_op(x, w, b, 1e-6), layer_norm_reference(x, w, b, 1e-6)
-    assert got.dtype == dtype
-    if dtype == torch.float32:
-        assert torch.equal(got, want)
-    else:
-        torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1e-2)
-
-
 def test_explicit_choices_are_kept():
-    backends = resolve_backends(KernelsConfig(backend="torch", attention="triton", layernorm="triton"), CUDA)
-    assert (backends.ops, backends.attention, backends.layernorm) == ("torch", "triton", "triton")
+    backends = resolve_backends(KernelsConfig(backend="torch", attention="triton"), CUDA)
+    assert (backends.ops, backends.attention) == ("torch", "triton")
 
 
-@pytest.mark.parametrize("field", ["backend", "attention", "layernorm"])
+def test_the_committed_table_names_real_implementations():
+    """Every GPU entry of ``kernels/measured.json`` says where it was measured and names only
+    implementations the op tables hold, so ``measured`` can build each op."""
+    table = json.loads((Path(measured.__file__).parent / measured.TABLE).read_text())
+    assert table
+    for gpu, entry in table.items():
+        assert entry["source"], gpu
+        backends = Backends("measured", "measured", measured.measured_table(gpu))
+        assert isinstance(backends.attention_op, ByShape) and isinstance(backends.patch_embed_op, ByShape)
+        assert backends.describe().endswith(f"(measured: {entry['source']})")
+
+
+def test_nearest_measured_shape_decides():
+    choices = {"64": {"50": "a", "197": "b"}, "128": {"99": "c"}}
+    assert nearest(choices, 64, 50) == "a" and nearest(choices, 64, 120) == "a" and nearest(choices, 64, 150) == "b"
+    assert nearest(choices, 80, 20) == "a" and nearest(choices, 120, 197) == "c"  # nearest width first
+
+
+def test_measured_attention_runs_per_call_shape_and_sdpa_past_the_kernel_limit():
+    """Each call runs the winner at its own shape; sequences the Triton kernel cannot take run SDPA."""
+    calls = []
+    impls = {name: (lambda name: lambda q, k, v: calls.append(name) or q)(name) for name in ATTENTION}
+    table = {"source": "test", "attention": {"64": {"50": "triton", "197": "sdpa"}}}
+    op = Backends(attention="measured", table=table).attention_op
+    op.impls = impls
+    for n in (50, 60, 197, MAX_TOKENS + 1, 50):
+        x = torch.zeros(1, 1, n, 64)
+        op(x, x, x)
+    assert calls == ["triton", "triton", "sdpa", "sdpa", "triton"]
+
+
+def test_a_table_naming_an_unknown_implementation_is_refused():
+    with pytest.raises(ValueError, match=r"measured.json: attention names \['flash3'\]"):
+        ByShape("attention", {"64": {"99": "flash3"}}, ATTENTION, lambda q, k, v: (64, 99))
+
+
+@pytest.mark.parametrize("field", ["backend", "attention"])
 def test_triton_on_cpu_needs_the_interpreter(field, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BackendError, match="TRITON_INTERPRET=1"):

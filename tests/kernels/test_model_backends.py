@@ -23,8 +23,8 @@ TINY = ["model.size=micro", "model.img_size=32", "model.patch_size=8", "model.de
 def test_symmim_loss_and_grads_match_between_backends(strategy, device):
     cfg = load_config(None, TINY + [f"mask.strategy={strategy}", "mask.ratio=0.6"])
     torch.manual_seed(0)
-    ref = SymMIM(cfg.model, cfg.loss, Backends("torch", "torch", "torch")).to(device)
-    fused = SymMIM(cfg.model, cfg.loss, Backends("triton", "triton", "triton")).to(device)
+    ref = SymMIM(cfg.model, cfg.loss, Backends("torch", "torch")).to(device)
+    fused = SymMIM(cfg.model, cfg.loss, Backends("triton", "triton")).to(device)
     fused.load_state_dict(ref.state_dict())
     images = torch.randn(3, 3, 32, 32, device=device)
     masks = MaskGenerator(cfg.mask, ref.encoder.grid, device, seed=1)
@@ -41,6 +41,36 @@ def test_symmim_loss_and_grads_match_between_backends(strategy, device):
         expected = grads_ref[name].grad
         assert p.grad is not None and expected.norm() > 0, name
         assert (p.grad - expected).norm() <= 1e-3 * expected.norm(), name
+
+
+def test_compiled_model_runs_the_kernel_ops(device):
+    """``torch.compile`` traces the Triton model with the kernels as ``symmim::`` ops in its graphs
+    (no graph break around them) and gives the eager model's loss and gradients."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    cfg = load_config(None, TINY)
+    torch.manual_seed(0)
+    model = SymMIM(cfg.model, cfg.loss, Backends("triton", "triton")).to(device)
+    images = torch.randn(2, 3, 32, 32, device=device)
+    masks = MaskGenerator(cfg.mask, model.encoder.grid, device, seed=1)
+    online, momentum_mask = masks.online(2), masks.momentum(2)
+    keys = MomentumBranch(model).to(device)(images, momentum_mask, torch.float32)
+    want = model(images, online, keys)["loss"]
+    (want_grad,) = torch.autograd.grad(want, model.encoder.patch_embed.proj.weight)
+    ops: set[str] = set()
+
+    def recording_aot_eager(gm, example_inputs):
+        ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=recording_aot_eager)
+    got = compiled(images, online, keys)["loss"]
+    (got_grad,) = torch.autograd.grad(got, model.encoder.patch_embed.proj.weight)
+    for op in ("symmim.attention", "symmim.patch_embed", "symmim.norm_pix_loss"):
+        assert any(name.startswith(op) for name in ops), (op, ops)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
 
 
 def _loss_and_grads(model: SymMIM, images, online, momentum_mask, dtype) -> tuple[torch.Tensor, dict]:
@@ -60,13 +90,13 @@ def test_bf16_vit_b_model_is_as_close_to_fp32_as_torch_bf16(strategy, device):
     sets = ["mask.ratio=0.75"] + (["mask.strategy=random", "loss.con_weight=0"] if strategy == "random" else [])
     cfg = load_config("configs/vit_b16_symmim.yaml", sets)
     torch.manual_seed(0)
-    ref = SymMIM(cfg.model, cfg.loss, Backends("torch", "torch", "torch")).to(device)
+    ref = SymMIM(cfg.model, cfg.loss, Backends("torch", "torch")).to(device)
     images = torch.randn(4, 3, 224, 224, device=device)
     masks = MaskGenerator(cfg.mask, ref.encoder.grid, device, seed=1)
     online, momentum_mask = masks.online(4), (masks.momentum(4) if ref.contrastive else None)
     loss_ref, grads_ref = _loss_and_grads(ref, images, online, momentum_mask, torch.float32)
     results = {}
-    for name, backends in (("torch", Backends("torch", "torch", "torch")), ("triton", Backends("triton", "triton", "triton"))):
+    for name, backends in (("torch", Backends("torch", "torch")), ("triton", Backends("triton", "triton"))):
         model = SymMIM(cfg.model, cfg.loss, backends).to(device)
         model.load_state_dict(ref.state_dict())
         results[name] = _loss_and_grads(model.to(torch.bfloat16), images, online, momentum_mask, torch.bfloat16)
