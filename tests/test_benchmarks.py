@@ -153,3 +153,23 @@ def test_the_vit_b_fast_step_stays_within_its_host_budget(tmp_path):
     assert rows["random75"]["ops"] <= 750 and rows["random75"]["syncs"] == 0, rows["random75"]
     assert rows["symmim"]["host_reads"] <= 1  # the batch's checkerboard phase on the 7x7-cell grid: a host tensor
 
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(importlib.util.find_spec("triton").origin).parent / "backends/nvidia/bin/cuobjdump").exists(),
+                    reason="this Triton wheel carries no cuobjdump")
+def test_every_kernel_has_a_config_without_spills_at_training_shapes(tmp_path):
+    """Compiled for sm_90 here: at every ViT-B/L training shape each kernel has an autotune config
+    that neither spills registers nor overflows shared memory (the whole-head attention backward
+    that spilled 1 to 5 KB per thread would fail this)."""
+    out = tmp_path / "resources.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real kernels, compiled
+    proc = subprocess.run([sys.executable, "benchmarks/kernel_resources.py", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["env"]["target"] == "sm_90" and not record["no_clean_config"]
+    kernels = {s["kernel"] for s in record["summary"]}
+    assert {"attention fwd", "attention bwd dK dV", "attention bwd dQ", "patch-embed fwd", "patch-embed bwd dW db",
+            "patch-embed bwd dpos", "norm-pix loss fwd+grad"} == kernels
+    for row in record["rows"]:
+        assert row["clean"] == (row["spill_bytes"] == 0 and row["shared"] <= 227 * 1024), row
