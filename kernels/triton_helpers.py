@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import custom_op, triton_op, wrap_triton
+from torch.library import custom_op
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # CPU: kernels run in Triton's interpreter
 
@@ -45,26 +45,24 @@ def load_patches(Img, b, i, j, valid, k, KDIM, s_b, s_c, s_h, s_w, P: tl.constex
 def launch(kernel, grid, *args, **constexprs) -> None:
     """Run a Triton ``kernel`` on ``grid`` (a tuple, or a function of the chosen meta-parameters).
 
-    Inside a :func:`kernel_op` the launch is what ``torch.compile`` records. Under the
-    interpreter, where the op is opaque, shape propagation calls the op body with fake tensors
-    and the launch is skipped there.
+    Inside a :func:`kernel_op` called with fake tensors (``torch.compile`` propagating shapes)
+    there is nothing to run, and the launch is skipped.
     """
-    if INTERPRET and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+    if any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
         return
-    wrap_triton(kernel)[grid](*args, **constexprs)
+    kernel[grid](*args, **constexprs)
 
 
 def kernel_op(name: str) -> Callable[[Callable], Callable]:
     """Register a function that allocates outputs and :func:`launch`-es kernels as the op ``symmim::name``.
 
-    On a GPU it is a ``torch.library.triton_op``: ``torch.compile`` traces into it and sees the
-    kernels. The interpreter cannot run kernels on fake tensors, so there the op is an opaque
-    ``custom_op`` whose shapes come from the same body with its launches skipped.
-    Attach the backward with ``op.register_autograd``.
+    ``torch.compile`` keeps the op in its graph as one opaque call (no graph break) and learns its
+    output shapes from the same body with the launches skipped. Opaque on purpose: the same path
+    runs under the CPU interpreter, where the tests run, and on a GPU; ``triton_op``'s alternative,
+    letting Inductor see the kernels, cannot run on the interpreter and breaks on kernels that take
+    a dtype as a constexpr (triton-lang/triton#4072). Attach the backward with ``op.register_autograd``.
     """
     def register(fn: Callable) -> Callable:
-        if not INTERPRET:
-            return triton_op(f"symmim::{name}", fn, mutates_args=())
         op = custom_op(f"symmim::{name}", fn, mutates_args=())
         op.register_fake(fn)
         return op
