@@ -9,7 +9,12 @@ per second over ``--batches`` batches after ``--warmup``, all inside one epoch, 
 of ``--repeats`` alternating runs. Two data sets: generated photo-like JPEGs of ImageNet
 size (about 500x375, quality 90) and the embedded one (small procedural JPEGs).
 
-    python benchmarks/dataloader.py --workers 2 --photos 1024 --batches 30 --repeats 5 \
+``--stages`` also profiles where the time goes on the photos: DALI's CPU pipeline cut after each
+stage (read, decode and crop, resize, flip and normalise) and two variants of the whole (uint8
+out, resize without antialiasing), in img/s with ``--workers`` threads; and the PIL loader's
+per-image steps in ms on one thread.
+
+    python benchmarks/dataloader.py --workers 2 --photos 1024 --batches 30 --repeats 5 --stages \
         --json benchmarks/results/cpu_dataloader.json
 """
 from __future__ import annotations
@@ -33,7 +38,7 @@ from symmim.core.config import load_config
 from symmim.core.distributed import pick_device
 from symmim.data.embedded import ensure_embedded
 from symmim.data.folder import scan_imagefolder
-from symmim.data.torch_loader import TorchLoader
+from symmim.data.torch_loader import TorchLoader, open_rgb, random_resized_crop_box, to_tensor
 
 PHOTOS_VERSION = "photos-v1"
 TARGET = 2.0  # target: DALI-CPU >= 2x PIL + DataLoader at equal threads, ImageNet-size photos
@@ -163,6 +168,48 @@ def measure(root: Path, cfg, size: int, device: torch.device, args, use_dali: bo
     return row | {"loaders": names}
 
 
+def dali_stages(items, cfg, size: int, batches: int) -> dict[str, float]:
+    """img/s of the DALI CPU training pipeline cut after each stage, and of two variants of the whole."""
+    from symmim.data.dali_loader import DaliLoader
+
+    loader = DaliLoader(items, len(items), cfg.data, size, cfg.train.batch_size, cfg.train.seed, 0, 1,
+                        torch.device("cpu"))
+    variants = {"read": dict(until="read"), "+ decode and crop": dict(until="decode"), "+ resize": dict(until="resize"),
+                "+ flip, normalise: float out (training on CPU)": {},
+                "uint8 out (training on a GPU)": dict(normalize=False),
+                "float out, resize without antialiasing": dict(antialias=False)}
+    rates = {}
+    for name, changes in variants.items():
+        pipe = loader.pipeline(**changes)
+        for _ in range(2):
+            pipe.run()
+        start = time.perf_counter()
+        for _ in range(batches):
+            pipe.run()
+        rates[name] = batches * cfg.train.batch_size / (time.perf_counter() - start)
+        del pipe
+    return rates
+
+
+def pil_stages(files: list[str], size: int, scale: tuple[float, float], count: int) -> dict[str, float]:
+    """ms per image on one thread of the PIL loader's steps: decode, random-resized-crop, to a tensor."""
+    rng = np.random.default_rng(0)
+    files = files[:count]
+    start = time.perf_counter()
+    decoded = [open_rgb(f) for f in files]
+    t_decode = time.perf_counter() - start
+    start = time.perf_counter()
+    crops = [img.resize((size, size), Image.BILINEAR, box=random_resized_crop_box(img.width, img.height, scale, rng))
+             for img in decoded]
+    t_crop = time.perf_counter() - start
+    start = time.perf_counter()
+    for img in crops:
+        to_tensor(img)
+    t_tensor = time.perf_counter() - start
+    return {"decode": t_decode / count * 1e3, "random-resized-crop": t_crop / count * 1e3,
+            "to uint8 tensor": t_tensor / count * 1e3}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=2, help="DALI threads = DataLoader worker processes")
@@ -173,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=224, help="output crop size")
     p.add_argument("--photos", type=int, default=512, help="photo-like JPEGs to generate (once, cached)")
     p.add_argument("--cache-dir", default=None, help="where data sets are generated (default: data.cache_dir)")
+    p.add_argument("--stages", action="store_true", help="also profile each loader stage by stage on the photos")
     p.add_argument("--quick", action="store_true", help="tiny run for tests: few photos, batches and repeats")
     args = p.parse_args(argv)
     if args.quick:
@@ -201,10 +249,21 @@ def main(argv: list[str] | None = None) -> int:
                 ["dataset", "files", "mean_kb", "mean_mpix", "batches", "torch_img_s", "dali_img_s", "dali_over_torch", "target"])
     for name, label in rows[0]["loaders"].items():
         print(f"{name}: {label}")
+    stages = {}
+    if args.stages:
+        items = scan_imagefolder(datasets[0] / "train")
+        stages["pil_ms_per_image_1_thread"] = pil_stages(items.files, args.size, cfg.data.crop_scale,
+                                                         min(len(items), 256))
+        if use_dali:
+            stages["dali_cpu_img_s"] = dali_stages(items, cfg, args.size, args.batches)
+        for part, values in stages.items():
+            print(f"\nstages, photos: {part}")
+            for name, value in values.items():
+                print(f"  {name:48s} {value:8.2f}")
     for note in notes:
         print(f"note: {note}")
     record = {"benchmark": "dataloader", "env": env, "config": vars(args) | {"decode": decode, "crop_scale": cfg.data.crop_scale},
-              "rows": rows, "targets": targets, "notes": notes}
+              "rows": rows, "targets": targets, "notes": notes, "stages": stages}
     bars = [(f"{r['dataset'].split('-')[0]} {name}", r[f"{name}_img_s"])
             for r in rows for name in ("torch", "dali") if r.get(f"{name}_img_s")]
     write_results(args.json, record, bars, ylabel="images / s")

@@ -79,6 +79,10 @@ class DataConfig:
     precheck: bool = True  # DALI ImageFolder: find truncated files first (reads each file's last KiB)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
+    # DALI's GPU (`mixed`) decoder: the share of JPEGs sent to the hardware decoder (A100/H100/H200),
+    # and nvJPEG buffers reserved up front for ImageNet-size images (NVIDIA's example values)
+    hw_decoder_load: float = 0.65
+    decoder_prealloc: bool = True
     cache_dir: str = "~/.cache/symmim"  # where the embedded data set is generated
     embedded_seed: int = 0
 
@@ -320,6 +324,8 @@ def validate(cfg: Config) -> None:
     for key in ("batch_size", "grad_accum", "epochs"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}: must be at least 1, got {getattr(t, key)}")
+    if not 0.0 <= cfg.data.hw_decoder_load <= 1.0:
+        raise ConfigError(f"data.hw_decoder_load: a share in [0, 1], got {cfg.data.hw_decoder_load}")
     if cfg.loss.con_weight > 0 and t.batch_size < 2:
         raise ConfigError("train.batch_size: the contrastive heads' BatchNorm needs at least 2 images per process")
     if cfg.loss.con_weight < 0 or cfg.loss.temperature <= 0:

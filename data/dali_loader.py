@@ -1,7 +1,10 @@
-"""DALI training pipeline: read this rank's shard, decode, random-resized-crop, flip, normalise.
+"""DALI training pipeline: read this rank's shard, decode, random-resized-crop, flip.
 
-Decoding runs on the GPU (``mixed``, nvJPEG) when training on CUDA and on the CPU
-otherwise. The pipeline is built with DALI checkpointing, so its exact position (reader
+Decoding runs on the GPU (``mixed``, nvJPEG and the hardware JPEG decoder) when training on
+CUDA and on the CPU otherwise. Training on a GPU, the pipeline emits uint8 ``[B, 3, S, S]`` (a
+quarter of float's bytes) and the GPU normalises it; on a CPU, DALI's threads normalise, since
+there the training process's own thread is the scarce one (normalising there cost 15% of the
+loader's throughput on 2 cores, ``benchmarks/dataloader.py``). The pipeline is built with DALI checkpointing, so its exact position (reader
 order, shuffle buffer, augmentation RNG) travels with a training checkpoint.
 
 Before an ImageFolder pipeline is built, the files' ends are checked for truncation
@@ -21,7 +24,7 @@ import torch.distributed as dist
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from symmim.data.folder import MEAN, STD, DataError, ImageList, batches_per_epoch
+from symmim.data.folder import MEAN, STD, DataError, ImageList, batches_per_epoch, normalize, pixel_stats
 from symmim.data.verify import Finding, find_truncated, verify_files
 
 if TYPE_CHECKING:
@@ -30,11 +33,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("symmim.data")
 
 READER = "reader"
+# nvJPEG's buffers reserved up front for ImageNet-size images, so the first large JPEGs do not
+# reallocate mid-epoch (the values of NVIDIA's DALI ResNet-50 example)
+MIXED_PREALLOCATION = dict(device_memory_padding=211_025_920, host_memory_padding=140_544_512,
+                           preallocate_width_hint=5980, preallocate_height_hint=6430)
 SCAN_ON_FAILURE = 20_000  # on a decode failure, find the broken files of lists up to this size
 
 
+STAGES = ("read", "decode", "resize")  # where ``until`` may cut the pipeline (benchmarks/dataloader.py --stages)
+
+
 @pipeline_def(enable_checkpointing=True)
-def _train_pipeline(source, shard_id, num_shards, size, scale, hflip, decode_device):
+def _train_pipeline(source, shard_id, num_shards, size, scale, hflip, decode_device, decoder_args, normalize,
+                    until=None, antialias=True):
+    """The training images; ``until`` (one of :data:`STAGES`) returns what that stage made, for profiling."""
     if isinstance(source, ImageList):
         encoded, _ = fn.readers.file(
             files=source.files, labels=source.labels, shard_id=shard_id, num_shards=num_shards,
@@ -45,12 +57,20 @@ def _train_pipeline(source, shard_id, num_shards, size, scale, hflip, decode_dev
             paths=source, ext=["jpg;jpeg;png"], shard_id=shard_id, num_shards=num_shards,
             random_shuffle=True, missing_component_behavior="error", name=READER,
         )
+    if until == "read":
+        return encoded
     images = fn.decoders.image_random_crop(
         encoded, device=decode_device, output_type=types.RGB,
-        random_area=list(scale), random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
+        random_area=list(scale), random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **decoder_args,
     )
-    images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR)
+    if until == "decode":
+        return images
+    images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=antialias)
+    if until == "resize":
+        return images
     mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
+    if not normalize:
+        return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mirror=mirror)  # [B, 3, S, S]
     return fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
         mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD],
@@ -104,13 +124,29 @@ class DaliLoader:
                 _refuse_truncated(source.files, rank, world)
         self._build_args = dict(
             source=source, shard_id=rank, num_shards=world, size=size, scale=data.crop_scale,
-            hflip=data.hflip, decode_device=self.decode, seed=seed + 1 + rank,  # reader and augmentations
+            hflip=data.hflip, decode_device=self.decode, decoder_args=self._decoder_args(data),
+            normalize=self.decode == "cpu",
+            seed=seed + 1 + rank,  # reader and augmentations
             batch_size=self.batch, num_threads=data.workers,
             device_id=self.device.index if self.device.type == "cuda" else None,
         )
+        self.stats = pixel_stats(self.device) if self.decode == "mixed" else None  # uint8 arrives: the GPU normalises
         self._restored = False
         self._iterator = self._make_iterator(None)
         self.name = f"DALI ({data.format}, {data.workers} threads, decode={self.decode})"
+
+    def _decoder_args(self, data: DataConfig) -> dict:
+        """The ``mixed`` decoder's tuning (``data.hw_decoder_load``, ``data.decoder_prealloc``); none on CPU."""
+        if self.decode != "mixed":
+            return {}
+        return {"hw_decoder_load": data.hw_decoder_load} | (MIXED_PREALLOCATION if data.decoder_prealloc else {})
+
+    def pipeline(self, **changes):
+        """A built copy of this loader's pipeline with ``changes`` to its arguments (``until``,
+        ``normalize``, ``antialias``): for profiling its stages."""
+        pipe = _train_pipeline(**{**self._build_args, **changes})
+        pipe.build()
+        return pipe
 
     def _make_iterator(self, checkpoint: bytes | None) -> DALIGenericIterator:
         if self.device.type == "cuda" and self.device.index is None:
@@ -134,8 +170,8 @@ class DaliLoader:
                          "write an exclusion list with: symmim-verify-data DATA_ROOT")
 
     def epoch(self, epoch: int, start_step: int = 0, stop_step: int | None = None) -> Iterator[torch.Tensor]:
-        """This rank's batches ``[B, 3, S, S]`` from ``start_step`` up to ``stop_step`` (default
-        ``steps_per_epoch``).
+        """This rank's batches ``[B, 3, S, S]`` (float, normalised on the training device) from
+        ``start_step`` up to ``stop_step`` (default ``steps_per_epoch``).
 
         A restored DALI checkpoint already sits at ``start_step``; without one the first
         ``start_step`` batches are decoded and dropped to reach the same position. Before the
@@ -146,18 +182,25 @@ class DaliLoader:
         step = start_step if self._restored else 0
         self._restored = False
         while (out := self._next()) is not None:
-            images = out[0]["images"]
             if step == stop - 1:
-                images = images.clone()  # DALI reuses its output buffers while draining
+                images = self._batch(out, keep=True)  # DALI reuses its buffers while draining
                 while self._next() is not None:
                     pass
                 self._iterator.reset()
-                yield images.to(self.device, non_blocking=True)
+                yield images
                 return
             if step >= start_step:
-                yield images.to(self.device, non_blocking=True)
+                yield self._batch(out, keep=False)
             step += 1
         self._iterator.reset()
+
+    def _batch(self, out, keep: bool) -> torch.Tensor:
+        """One iterator output as normalised floats ``[B, 3, S, S]`` on the device; ``keep``: a tensor
+        of its own, not DALI's buffer."""
+        images = out[0]["images"]
+        if self.stats is not None:  # uint8 on the GPU
+            return normalize(images, self.stats)
+        return images.clone() if keep else images
 
     def _next(self):
         """The iterator's next output, None at the end of the epoch; decode errors named."""

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from symmim.data.folder import DataError, ImageList, read_exclusions, scan_imagefolder
 from symmim.data.loader import data_root
-from symmim.data.torch_loader import center_crop, normalize, open_rgb, to_tensor
+from symmim.data.folder import normalize
+from symmim.data.torch_loader import center_crop, open_rgb, to_tensor
 
 if TYPE_CHECKING:
     from symmim.core.config import DataConfig

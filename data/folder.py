@@ -4,10 +4,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 EXCLUDE_FILE = "symmim_exclude.txt"  # written by symmim-verify-data
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, RGB, images in [0, 1]
 STD = (0.229, 0.224, 0.225)
+
+
+def pixel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std in 0-255 units, ``[1, 3, 1, 1]`` on ``device``: a loader makes them once."""
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (MEAN, STD))
+    return mean, std
+
+
+def normalize(pixels: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """uint8 (or 0-255 float) ``[B, 3, H, W]`` -> float normalised with ImageNet MEAN / STD, same device.
+    ``stats``: :func:`pixel_stats` of that device, made once (else made here, a copy to the device)."""
+    mean, std = stats or pixel_stats(pixels.device)
+    return (pixels.float() - mean) / std
 
 
 class DataError(RuntimeError):

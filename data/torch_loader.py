@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from symmim.data.folder import MEAN, STD, DataError, ImageList, batches_per_epoch, scan_imagefolder
+from symmim.data.folder import DataError, ImageList, batches_per_epoch, normalize, pixel_stats, scan_imagefolder
 
 if TYPE_CHECKING:
     from symmim.core.config import DataConfig
@@ -66,13 +66,6 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 (or 0-255 float) ``[B, 3, H, W]`` -> float normalised with ImageNet MEAN / STD, same device."""
-    mean = torch.tensor(MEAN, device=pixels.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=pixels.device).view(1, 3, 1, 1) * 255
-    return (pixels.float() - mean) / std
-
-
 class _AugmentedImages(Dataset):
     """Index ``(epoch, i)`` -> (uint8 ``[3, S, S]`` random-resized-crop (+ flip) of image ``i``, label)."""
 
@@ -107,6 +100,7 @@ class TorchLoader:
         self.seed = seed
         self.steps_per_epoch = batches_per_epoch(len(items), world, self.batch)
         self.labels = labels
+        self.stats = pixel_stats(self.device)
         self.name = f"torch DataLoader ({self.workers} workers, PIL decode on cpu)"
 
     def _indices(self, epoch: int) -> list[int]:
@@ -127,7 +121,7 @@ class TorchLoader:
             pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
         )
         for images, labels in loader:
-            images = normalize(images.to(self.device, non_blocking=True))
+            images = normalize(images.to(self.device, non_blocking=True), self.stats)
             yield (images, labels.to(self.device)) if self.labels else images
 
     def state_dict(self) -> dict:

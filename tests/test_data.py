@@ -135,3 +135,28 @@ def test_excluded_files_are_skipped(colour_folder, tmp_path):
     assert not {str(colour_folder / "c0/000.jpg"), str(colour_folder / "c1/004.jpg")} & set(items.files)
     with pytest.raises(DataError, match="does not exist"):
         read_exclusions(colour_folder, str(tmp_path / "missing.txt"))
+
+
+def test_dali_uint8_batches_normalised_on_the_device_equal_the_pipelines_own(colour_folder):
+    """The GPU path (uint8 out of DALI, normalised by torch on the device) gives the CPU path's
+    floats (DALI normalising in its threads) for the same reader order and crops; the mixed
+    decoder's tuning reaches only the mixed decoder."""
+    from symmim.data.dali_loader import MIXED_PREALLOCATION, DaliLoader
+    from symmim.data.folder import normalize, pixel_stats
+
+    cfg = _cfg("dali")
+    items = scan_imagefolder(colour_folder)
+    loader = DaliLoader(items, len(items), cfg.data, 16, 4, 0, 0, 1, torch.device("cpu"))
+    assert loader._build_args["decoder_args"] == {} and loader._build_args["normalize"]
+    outputs = {}
+    for normalize_in_pipeline in (True, False):
+        pipe = loader.pipeline(normalize=normalize_in_pipeline)
+        outputs[normalize_in_pipeline] = [torch.from_numpy(pipe.run()[0].as_array()) for _ in range(3)]
+    for floats, pixels in zip(outputs[True], outputs[False]):
+        assert pixels.dtype == torch.uint8 and pixels.shape == floats.shape == (4, 3, 16, 16)
+        torch.testing.assert_close(normalize(pixels, pixel_stats(torch.device("cpu"))), floats, rtol=0, atol=2e-5)
+    gpu = DaliLoader.__new__(DaliLoader)
+    gpu.decode = "mixed"
+    tuned = load_config(None, ["data.hw_decoder_load=0.3", "data.decoder_prealloc=false"]).data
+    assert gpu._decoder_args(tuned) == {"hw_decoder_load": 0.3}
+    assert gpu._decoder_args(cfg.data) == {"hw_decoder_load": 0.65, **MIXED_PREALLOCATION}
