@@ -18,15 +18,21 @@
 #      decoder and heads; the first steps compile),
 #   7. throughput-zero2: the optimized system under ZeRO-2 (fp32 weights under autocast),
 #   8. throughput-triton-all: the optimized system with every op on our Triton kernels
-#      (auto runs what kernels/measured.json says; this shows the all-Triton step beside it).
+#      (auto runs what kernels/measured.json says; this shows the all-Triton step beside it),
+#   9. with DALI staged (bash benchmarks/gpu_wheels.sh --dali, then ../shared/tools/stage-for-device
+#      .dali_whl; skipped without it): dataloader-gpu, benchmarks/dataloader.py on 4096 photo-like
+#      500x375 q90 JPEGs, DALI's mixed decoder against PIL + DataLoader with 16 workers, batch 128;
+#      dataloader-cpu16, the same with DALI decoding on the 16 CPU cores; throughput-data, the H200
+#      preset's step fed by DALI mixed from those JPEGs (compare throughput-h200, synthetic input).
 # Everything lands in $OUT (the device tool's output folder; ./gpu_check_out elsewhere):
-# gpu_check.log, gpu_tests.xml, gpu_timm.xml, gpu_kernels.*, gpu_throughput*.json/.png.
+# gpu_check.log, gpu_tests.xml, gpu_timm.xml, gpu_kernels.*, measured.json, gpu_throughput*.json/.png,
+# gpu_dataloader*.json/.png. The data-path steps and the new kernels have not run on a GPU yet.
 # Each step has its own time limit and a failing step does not stop the next; the benchmarks
 # keep a partial JSON if their limit stops them. All steps took about 7 minutes on an H200
 # (gpu-tests 61 s with the first compiles and autotuning, timm 13, kernels 20, throughput
 # 129, zero0 117, the optimized-only run 70) when gpu-tests ran the GPU-marked tests only; the
 # whole kernel suite compiles and autotunes every small shape too, not yet timed on a GPU, hence
-# its 240 s limit. The limits sum to 17.5 minutes, more than a session's device time: name the
+# its 240 s limit. The limits sum to 24.5 minutes, more than a session's device time: name the
 # steps that matter (e.g. gpu-tests throughput throughput-h200 throughput-compiled) and leave
 # room for a rerun. No CUDA-graph capture of the step exists yet.
 #
@@ -44,13 +50,17 @@ DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1 && shift
 STEPS=("$@")
 [ ${#STEPS[@]} = 0 ] && STEPS=(gpu-tests timm-export kernels-bench throughput throughput-h200 throughput-compiled
-  throughput-zero2 throughput-triton-all)
+  throughput-zero2 throughput-triton-all dataloader-gpu dataloader-cpu16 throughput-data)
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 
 if ls .whl/*.whl >/dev/null 2>&1 && [ $DRY = 0 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if ls /tmp/staged/.dali_whl/*.whl >/dev/null 2>&1 && [ $DRY = 0 ]; then  # DALI, staged in chunks
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    /tmp/staged/.dali_whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 # `symmim` is this tree (no pip install there): a link named symmim on PYTHONPATH
 mkdir -p /tmp/symmim_src && ln -sfn "$PWD" /tmp/symmim_src/symmim && export PYTHONPATH=/tmp/symmim_src${PYTHONPATH:+:$PYTHONPATH}
@@ -71,13 +81,19 @@ step() {  # step NAME LIMIT_S COMMAND...
   [ $rc = 0 ] || status=1
 }
 
+dali() {  # dali STEP LIMIT_S COMMAND...: a data-path step, skipped (and said so) without DALI
+  if python3 -c 'import nvidia.dali' 2>/dev/null; then step "$@"; else echo "== $1: skipped, DALI is not installed (not staged)"; fi
+}
+
 if [ $DRY = 1 ]; then  # tiny shapes on CPU, fp32
   tests=(tests/kernels/test_attention.py) kernels=(--quick) throughput=(--quick) h200=(--quick)
+  photos=16 loader=(--quick) gpu=cpu
   triton_all=(--set kernels.backend=triton --profile-steps 0)  # Triton attention: minutes in the interpreter
 else
   tests=(tests/kernels --junitxml "$OUT/gpu_tests.xml") kernels=()
   throughput=(--config vit_b16_symmim --batch 128 --steps 15 --warmup 5)
   h200=(--config vit_b16_symmim_h200 --steps 10 --warmup 3)
+  photos=4096 loader=(--workers 16 --batch 128 --photos 4096 --batches 20 --warmup 3 --repeats 3) gpu=cuda
   triton_all=(--set kernels.attention=triton --set kernels.backend=triton)
 fi
 for name in "${STEPS[@]}"; do
@@ -96,6 +112,13 @@ for name in "${STEPS[@]}"; do
       --set ds.zero_stage=2 --json "$OUT/gpu_throughput_zero2.json" ;;
     throughput-triton-all) step "$name" 100 python3 benchmarks/throughput.py "${throughput[@]}" --systems optimized \
       "${triton_all[@]}" --json "$OUT/gpu_throughput_triton_all.json" ;;
+    dataloader-gpu) dali "$name" 150 python3 benchmarks/dataloader.py "${loader[@]}" --device "$gpu" \
+      --json "$OUT/gpu_dataloader.json" ;;
+    dataloader-cpu16) dali "$name" 120 python3 benchmarks/dataloader.py "${loader[@]}" --device cpu --stages \
+      --json "$OUT/gpu_dataloader_cpu16.json" ;;
+    throughput-data) dali "$name" 150 python3 benchmarks/throughput.py "${h200[@]}" --systems optimized --input data \
+      --set "data.root=$HOME/.cache/symmim/photos-v1-seed0-$photos" --set data.workers=16 \
+      --json "$OUT/gpu_throughput_data.json" ;;
     *) echo "unknown step $name"; status=1 ;;
   esac
 done

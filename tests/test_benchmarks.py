@@ -94,7 +94,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert "gpu_check: all steps passed" in proc.stdout
     for name in ("gpu_check.log", "gpu_kernels.json", "gpu_kernels.png", "gpu_throughput.json", "gpu_throughput.png",
                  "gpu_throughput_h200.json", "gpu_throughput_compiled.json", "gpu_throughput_zero2.json",
-                 "gpu_throughput_triton_all.json", "measured.json"):
+                 "gpu_throughput_triton_all.json", "measured.json", "gpu_dataloader.json", "gpu_dataloader_cpu16.json",
+                 "gpu_throughput_data.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     record = json.loads((tmp_path / "gpu_throughput.json").read_text())
     assert {(r["variant"], r["system"]) for r in record["rows"]} == {
