@@ -6,6 +6,10 @@ written last, ``manifest.json`` (every file with its size, the world size, the m
 architecture). ``latest`` names the newest tag and is replaced atomically only after the
 manifest exists, so a crash mid-save never leaves a ``latest`` pointing at a partial tag.
 Loading verifies the manifest and falls back to the newest intact tag.
+
+A ZeRO-1/2 tag resumed on another number of processes, or under the other of the two stages,
+is first converted by DeepSpeed's ``ds_to_universal`` (per parameter: fp32 weights, Adam
+moments, step) into ``checkpoints/universal/<tag>``, beside the original, and loaded from there.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import json
 import logging
 import os
 import shutil
+import time
+from argparse import Namespace
 from pathlib import Path
 
 import torch
@@ -20,6 +26,8 @@ import torch.distributed as dist
 
 log = logging.getLogger("symmim.checkpoint")
 MANIFEST = "manifest.json"
+UNIVERSAL = "universal"  # checkpoints/universal/<tag>: a ZeRO-1/2 tag converted for another layout
+CONVERTED = "converted.json"  # written last into a universal copy: the conversion finished
 
 
 class CheckpointError(RuntimeError):
@@ -101,16 +109,43 @@ def _problem(tag_dir: Path, world: int, arch: dict, zero_stage: int) -> str | No
         detail = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(f"{tag_dir} holds another model ({detail}); use the run's own config or a new --output-dir")
     saved_stage = manifest.get("layout", {}).get("zero_stage")
-    if saved_stage is not None and saved_stage != zero_stage and 0 in (saved_stage, zero_stage):
+    if saved_stage is not None and saved_stage != zero_stage and not {saved_stage, zero_stage} <= {1, 2}:
         raise CheckpointError(f"{tag_dir} was written under ZeRO-{saved_stage}, this run uses ZeRO-{zero_stage}: the "
-                              f"optimizer state is laid out differently; resume with ds.zero_stage={saved_stage}")
-    if manifest["world_size"] != world and not saved_stage == zero_stage == 0:
+                              f"optimizer state is laid out differently (only ZeRO 1 and 2 convert into each other); "
+                              f"resume with ds.zero_stage={saved_stage}")
+    if manifest["world_size"] != world and saved_stage not in (0, 1, 2):
         raise CheckpointError(
             f"{tag_dir} was written by {manifest['world_size']} processes under ZeRO-{saved_stage}, this run has "
-            f"{world}. Only ZeRO-0 checkpoints (the optimizer state whole in one file) resume on another number of "
-            "processes: resume with the same number, or export the weights (symmim-export) and start a new run"
+            f"{world}. ZeRO-0, 1 and 2 checkpoints resume on another number of processes, ZeRO-3 ones do not: "
+            "resume with the same number, or export the weights (symmim-export) and start a new run"
         )
     return None
+
+
+def needs_conversion(tag_dir: Path, world: int, zero_stage: int) -> bool:
+    """Whether the ZeRO-1/2 tag ``tag_dir`` is partitioned otherwise than this run partitions it."""
+    manifest = read_manifest(tag_dir)
+    saved_stage = manifest.get("layout", {}).get("zero_stage")
+    return saved_stage in (1, 2) and (manifest["world_size"] != world or saved_stage != zero_stage)
+
+
+def universal_copy(tag_dir: Path) -> Path:
+    """``tag_dir`` converted into DeepSpeed's universal layout at ``checkpoints/universal/<tag>``
+    (the original stays as it is); converted once, by rank 0, while the others wait."""
+    out = tag_dir.parent / UNIVERSAL / tag_dir.name
+    if dist.get_rank() == 0 and not (out / CONVERTED).is_file():
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        log.info("converting %s for another ZeRO layout into %s (DeepSpeed universal checkpoint) ...", tag_dir, out)
+        start = time.perf_counter()
+        shutil.rmtree(out, ignore_errors=True)
+        ds_to_universal(Namespace(input_folder=str(tag_dir), output_folder=str(out), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+        for own in [*tag_dir.glob("rank*_state.pt"), tag_dir / MANIFEST]:
+            shutil.copy2(own, out / own.name)
+        _write_atomic(out / CONVERTED, json.dumps({"from": str(tag_dir), "seconds": time.perf_counter() - start}))
+    dist.barrier()
+    return out
 
 
 def resumable_tag(ckpt_dir: Path, arch: dict, world: int, zero_stage: int) -> Path | None:
@@ -135,6 +170,8 @@ def resumable_tag(ckpt_dir: Path, arch: dict, world: int, zero_stage: int) -> Pa
 def load_checkpoint(engine, tag_dir: Path) -> tuple[dict, dict | None]:
     """Restore the tag ``tag_dir`` (see :func:`resumable_tag`): ``(client_state, rank_state)``; the
     rank state is None when the tag was written by another number of processes (it is per rank)."""
+    # DeepSpeed reads load_universal_checkpoint when loading only: set for a universal copy's load
+    engine._config.load_universal_checkpoint = tag_dir.parent.name == UNIVERSAL
     path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {tag_dir}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from symmim.core.checkpoint import step_of
+from symmim.core.checkpoint import needs_conversion, step_of, universal_copy
 from symmim.core.config import Config
 from symmim.core.distributed import DistInfo
 from symmim.core.flops import train_flops_per_image
@@ -61,6 +61,8 @@ def train(cfg: Config, folder: RunFolder, dist: DistInfo) -> None:
     loader = build_train_loader(cfg.data, cfg.model.img_size, t.batch_size, t.seed, dist.rank, dist.world, dist.device)
     resume_from = folder.resumable(architecture(cfg), cfg, dist.world)
     folder.accept(cfg, dist)
+    if resume_from is not None and needs_conversion(resume_from, dist.world, cfg.ds.zero_stage):
+        resume_from = universal_copy(resume_from)
     torch.manual_seed(t.seed + dist.rank)
     tr = build_training(cfg, dist)
     log.info("device %s, %d process(es); %s; precision %s; %s", dist.device, dist.world, tr.backends.describe(),

@@ -1,6 +1,7 @@
 """Resuming on another number of processes: ZeRO-0 checkpoints carry over (weights, Adam moments and
-fp32 masters, EMA branch, step, schedules, the epoch position in images, the global batch);
-ZeRO 1-3 checkpoints are refused on another count, and a change of ZeRO layout is refused."""
+fp32 masters, EMA branch, step, schedules, the epoch position in images, the global batch), ZeRO-1/2
+ones through DeepSpeed's universal conversion (also between the two stages); ZeRO-3 checkpoints are
+refused on another count, and a change between ZeRO-0 and a partitioned stage is refused."""
 from __future__ import annotations
 
 import json
@@ -65,18 +66,78 @@ def test_a_zero0_run_continues_on_another_number_of_processes(embedded_cache, tm
         assert b[s]["loss_mim"] == pytest.approx(a[s]["loss_mim"], rel=1e-2), s
 
 
-def test_zero2_checkpoints_resume_only_on_their_own_process_count(embedded_cache, tmp_path):
+def _flat_moments(state: dict) -> dict[tuple[int, str], torch.Tensor]:
+    """``(group, moment) -> flat fp32 partition`` of a ZeRO-1/2 base optimizer's state dict."""
+    return {(g, k): v for g, st in state["state"].items() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")}
+
+
+def _consolidated(tag_dir) -> dict[tuple[int, str], torch.Tensor]:
+    """The Adam moments of a ZeRO-1/2 tag, each group's rank partitions joined, the group padding dropped."""
+    parts = [torch.load(f, weights_only=False)["optimizer_state_dict"]
+             for f in sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))]
+    joined = {}
+    for key in _flat_moments(parts[0]["base_optimizer_state"]):
+        flat = torch.cat([_flat_moments(p["base_optimizer_state"])[key] for p in parts])
+        joined[key] = flat[:flat.numel() - parts[-1]["group_paddings"][key[0]]]
+    return joined
+
+
+@pytest.mark.parametrize("before,after", [((2, 2), (1, 1)), ((1, 1), (2, 2))])  # (processes, ZeRO stage)
+def test_a_zero12_run_continues_on_another_number_of_processes_and_stage(embedded_cache, tmp_path, monkeypatch,
+                                                                         before, after):
+    """ZeRO-2 on two processes -> ZeRO-1 on one, and back: the tag is converted once into DeepSpeed's
+    universal layout beside the original (left as it was), the Adam moments come back exactly as the
+    saved partitions hold them, and the run continues with the same lr and its reconstruction loss."""
+    accum = {1: 2, 2: 1}  # 32 images per optimizer step either way
+    args = quiet(embedded_cache, *SETS)
+    first = tmp_path / "first"
+    run(launch(before[0], [*args, "--set", f"ds.zero_stage={before[1]}", "--set", f"train.grad_accum={accum[before[0]]}",
+                           "--output-dir", str(first)]))
+    moved = tmp_path / "moved"
+    shutil.copytree(first, moved)
+    rewind(moved, 4)
+    tag = moved / "checkpoints" / "step00000004"
+    original = {f.name: f.read_bytes() for f in tag.iterdir()}
+    probe = tmp_path / "restored.pt"
+    monkeypatch.setenv("SYMMIM_RESTORE_PROBE", str(probe))
+    proc = run(launch(after[0], [*args, "--set", f"ds.zero_stage={after[1]}", "--set", f"train.grad_accum={accum[after[0]]}",
+                                 "--output-dir", str(moved), "--resume"], probe=True))
+    log = proc.stdout + proc.stderr
+    universal = moved / "checkpoints" / "universal" / "step00000004"
+    assert f"converting {tag} for another ZeRO layout into {universal}" in log
+    assert f"resumed from {universal} (written by {before[0]} processes)" in log
+    assert "position carried over in images: epoch 0, 128 images in" in log
+    assert {f.name: f.read_bytes() for f in tag.iterdir()} == original  # the original tag is untouched
+    assert (moved / "checkpoints" / "latest").read_text() == "step00000008"
+
+    # Rank 0's restored partition is the matching stretch of the saved moments, bit for bit (after the
+    # change, rank 0 holds all of them on one process, the first half on two).
+    saved, restored = _consolidated(tag), _flat_moments(torch.load(probe, weights_only=False))
+    assert saved.keys() == restored.keys()
+    for key, flat in saved.items():
+        n = min(flat.numel(), restored[key].numel())
+        assert n >= flat.numel() // 2 and torch.equal(restored[key][:n], flat[:n]), key
+
+    # No warm-up restart and the same images; the masks are drawn anew, so mim continues within a percent.
+    a = {r["step"]: r for r in metrics(first) if "loss" in r}
+    b = {r["step"]: r for r in metrics(moved) if "loss" in r}
+    assert sorted(b) == list(range(1, 9)) and all(a[s]["lr"] == b[s]["lr"] for s in range(1, 9))
+    for s in range(5, 9):
+        assert b[s]["loss_mim"] == pytest.approx(a[s]["loss_mim"], rel=1e-2), s
+
+
+def test_zero3_checkpoints_resume_only_on_their_own_process_count_and_zero0_is_not_converted(embedded_cache, tmp_path):
     launcher = shutil.which("deepspeed") or pytest.skip("deepspeed launcher not on PATH")
-    args = quiet(embedded_cache, *SETS, "ds.zero_stage=2", "train.max_steps=4")
-    run_dir = tmp_path / "z2"
+    args = quiet(embedded_cache, *SETS, "ds.zero_stage=3", "train.max_steps=4")
+    run_dir = tmp_path / "z3"
     run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), PRETRAIN, *args, "--output-dir", str(run_dir)])
     proc = run([sys.executable, PRETRAIN, *args, "--output-dir", str(run_dir), "--resume"], expect=2)
-    assert "written by 2 processes under ZeRO-2, this run has 1" in proc.stderr
+    assert "written by 2 processes under ZeRO-3, this run has 1" in proc.stderr
     proc = run([sys.executable, PRETRAIN, *args, "--set", "ds.zero_stage=0", "--output-dir", str(run_dir), "--resume"],
                expect=2)
-    assert "written under ZeRO-2, this run uses ZeRO-0" in proc.stderr
+    assert "written under ZeRO-3, this run uses ZeRO-0" in proc.stderr
     assert json.loads((run_dir / "checkpoints" / "step00000004" / "manifest.json").read_text())["layout"] == {
-        "zero_stage": 2, "batch_size": 16, "grad_accum": 1}
+        "zero_stage": 3, "batch_size": 16, "grad_accum": 1}
 
 
 def test_a_global_batch_that_cannot_be_kept_is_refused_with_what_to_set(embedded_cache, tmp_path):
