@@ -7,9 +7,8 @@ architecture). ``latest`` names the newest tag and is replaced atomically only a
 manifest exists, so a crash mid-save never leaves a ``latest`` pointing at a partial tag.
 Loading verifies the manifest and falls back to the newest intact tag.
 
-A ZeRO-1/2 tag resumed on another number of processes, or under the other of the two stages,
-is first converted by DeepSpeed's ``ds_to_universal`` (per parameter: fp32 weights, Adam
-moments, step) into ``checkpoints/universal/<tag>``, beside the original, and loaded from there.
+A tag resumed under another ZeRO layout is first converted (``core/universal.py``) into
+``checkpoints/universal/<tag>``, beside the original, and loaded from there.
 """
 from __future__ import annotations
 
@@ -17,8 +16,6 @@ import json
 import logging
 import os
 import shutil
-import time
-from argparse import Namespace
 from pathlib import Path
 
 import torch
@@ -26,8 +23,6 @@ import torch.distributed as dist
 
 log = logging.getLogger("symmim.checkpoint")
 MANIFEST = "manifest.json"
-UNIVERSAL = "universal"  # checkpoints/universal/<tag>: a ZeRO-1/2 tag converted for another layout
-CONVERTED = "converted.json"  # written last into a universal copy: the conversion finished
 
 
 class CheckpointError(RuntimeError):
@@ -75,8 +70,12 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, rank_
         shutil.rmtree(tag_dir)  # an earlier, interrupted save of the same step
     dist.barrier()
     tag_dir.mkdir(parents=True, exist_ok=True)
+    from symmim.core.universal import NAMES, optimizer_param_names
+
     torch.save(rank_state, tag_dir / f"rank{rank}_state.pt")
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    names = optimizer_param_names(engine)  # what a later conversion to another ZeRO layout needs
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, **({NAMES: names} if names else {})},
+                           save_latest=False)
     dist.barrier()  # every rank's files are on disk
     if rank == 0:
         files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
@@ -109,9 +108,9 @@ def _problem(tag_dir: Path, world: int, arch: dict, zero_stage: int) -> str | No
         detail = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(f"{tag_dir} holds another model ({detail}); use the run's own config or a new --output-dir")
     saved_stage = manifest.get("layout", {}).get("zero_stage")
-    if saved_stage is not None and saved_stage != zero_stage and not {saved_stage, zero_stage} <= {1, 2}:
-        raise CheckpointError(f"{tag_dir} was written under ZeRO-{saved_stage}, this run uses ZeRO-{zero_stage}: the "
-                              f"optimizer state is laid out differently (only ZeRO 1 and 2 convert into each other); "
+    if saved_stage is not None and saved_stage != zero_stage and 3 in (saved_stage, zero_stage):
+        raise CheckpointError(f"{tag_dir} was written under ZeRO-{saved_stage}, this run uses ZeRO-{zero_stage}: "
+                              "ZeRO-3 checkpoints convert to no other stage, nor others to ZeRO-3; "
                               f"resume with ds.zero_stage={saved_stage}")
     if manifest["world_size"] != world and saved_stage not in (0, 1, 2):
         raise CheckpointError(
@@ -120,32 +119,6 @@ def _problem(tag_dir: Path, world: int, arch: dict, zero_stage: int) -> str | No
             "resume with the same number, or export the weights (symmim-export) and start a new run"
         )
     return None
-
-
-def needs_conversion(tag_dir: Path, world: int, zero_stage: int) -> bool:
-    """Whether the ZeRO-1/2 tag ``tag_dir`` is partitioned otherwise than this run partitions it."""
-    manifest = read_manifest(tag_dir)
-    saved_stage = manifest.get("layout", {}).get("zero_stage")
-    return saved_stage in (1, 2) and (manifest["world_size"] != world or saved_stage != zero_stage)
-
-
-def universal_copy(tag_dir: Path) -> Path:
-    """``tag_dir`` converted into DeepSpeed's universal layout at ``checkpoints/universal/<tag>``
-    (the original stays as it is); converted once, by rank 0, while the others wait."""
-    out = tag_dir.parent / UNIVERSAL / tag_dir.name
-    if dist.get_rank() == 0 and not (out / CONVERTED).is_file():
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-        log.info("converting %s for another ZeRO layout into %s (DeepSpeed universal checkpoint) ...", tag_dir, out)
-        start = time.perf_counter()
-        shutil.rmtree(out, ignore_errors=True)
-        ds_to_universal(Namespace(input_folder=str(tag_dir), output_folder=str(out), num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
-        for own in [*tag_dir.glob("rank*_state.pt"), tag_dir / MANIFEST]:
-            shutil.copy2(own, out / own.name)
-        _write_atomic(out / CONVERTED, json.dumps({"from": str(tag_dir), "seconds": time.perf_counter() - start}))
-    dist.barrier()
-    return out
 
 
 def resumable_tag(ckpt_dir: Path, arch: dict, world: int, zero_stage: int) -> Path | None:
@@ -170,11 +143,17 @@ def resumable_tag(ckpt_dir: Path, arch: dict, world: int, zero_stage: int) -> Pa
 def load_checkpoint(engine, tag_dir: Path) -> tuple[dict, dict | None]:
     """Restore the tag ``tag_dir`` (see :func:`resumable_tag`): ``(client_state, rank_state)``; the
     rank state is None when the tag was written by another number of processes (it is per rank)."""
-    # DeepSpeed reads load_universal_checkpoint when loading only: set for a universal copy's load
-    engine._config.load_universal_checkpoint = tag_dir.parent.name == UNIVERSAL
-    path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    from symmim.core.universal import UNIVERSAL, load_into_optimizer
+
+    universal, zero = tag_dir.parent.name == UNIVERSAL, engine.zero_optimization_stage()
+    # DeepSpeed reads load_universal_checkpoint when loading only; ZeRO-0 has no universal loader: ours fills it
+    engine._config.load_universal_checkpoint = universal and zero > 0
+    path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                load_optimizer_states=not (universal and zero == 0))
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
+    if universal and zero == 0:
+        load_into_optimizer(engine, tag_dir)
     saved_world = read_manifest(tag_dir)["world_size"]
     rank_state = None
     if saved_world == dist.get_world_size():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from symmim.core.checkpoint import needs_conversion, step_of, universal_copy
+from symmim.core.checkpoint import step_of
 from symmim.core.config import Config
 from symmim.core.distributed import DistInfo
 from symmim.core.flops import train_flops_per_image
@@ -27,6 +27,7 @@ from symmim.core.masking import MaskGenerator
 from symmim.core.pretrain_step import Training, architecture, build_training
 from symmim.core.recon import ReconPictures
 from symmim.core.schedules import Schedule
+from symmim.core.universal import needs_conversion, universal_copy
 from symmim.data.loader import build_train_loader, data_root
 from symmim.data.torch_loader import load_eval_images
 from symmim.launch.common import RunFolder, explain_resume, launch, run_parser

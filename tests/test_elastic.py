@@ -67,14 +67,19 @@ def test_a_zero0_run_continues_on_another_number_of_processes(embedded_cache, tm
 
 
 def _flat_moments(state: dict) -> dict[tuple[int, str], torch.Tensor]:
-    """``(group, moment) -> flat fp32 partition`` of a ZeRO-1/2 base optimizer's state dict."""
-    return {(g, k): v for g, st in state["state"].items() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")}
+    """``(group, moment) -> the group's moments flattened in parameter order``, from an AdamW state
+    dict: one flat partition per group under ZeRO-1/2, one tensor per parameter under ZeRO-0."""
+    return {(g, key): torch.cat([state["state"][i][key].reshape(-1) for i in group["params"]])
+            for g, group in enumerate(state["param_groups"]) for key in ("exp_avg", "exp_avg_sq")}
 
 
-def _consolidated(tag_dir) -> dict[tuple[int, str], torch.Tensor]:
-    """The Adam moments of a ZeRO-1/2 tag, each group's rank partitions joined, the group padding dropped."""
-    parts = [torch.load(f, weights_only=False)["optimizer_state_dict"]
-             for f in sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))]
+def _saved_moments(tag_dir) -> dict[tuple[int, str], torch.Tensor]:
+    """The Adam moments of a tag as :func:`_flat_moments` lays them out: ZeRO-1/2 partitions of all
+    ranks joined, the group padding dropped; ZeRO-0's optimizer state as it is."""
+    files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    if not files:
+        return _flat_moments(torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["optimizer"])
+    parts = [torch.load(f, weights_only=False)["optimizer_state_dict"] for f in files]
     joined = {}
     for key in _flat_moments(parts[0]["base_optimizer_state"]):
         flat = torch.cat([_flat_moments(p["base_optimizer_state"])[key] for p in parts])
@@ -82,12 +87,12 @@ def _consolidated(tag_dir) -> dict[tuple[int, str], torch.Tensor]:
     return joined
 
 
-@pytest.mark.parametrize("before,after", [((2, 2), (1, 1)), ((1, 1), (2, 2))])  # (processes, ZeRO stage)
-def test_a_zero12_run_continues_on_another_number_of_processes_and_stage(embedded_cache, tmp_path, monkeypatch,
-                                                                         before, after):
-    """ZeRO-2 on two processes -> ZeRO-1 on one, and back: the tag is converted once into DeepSpeed's
-    universal layout beside the original (left as it was), the Adam moments come back exactly as the
-    saved partitions hold them, and the run continues with the same lr and its reconstruction loss."""
+@pytest.mark.parametrize("before,after", [((2, 2), (1, 1)), ((1, 1), (2, 2)), ((2, 0), (1, 2)), ((1, 2), (2, 0))])
+def test_a_run_continues_under_another_zero_layout(embedded_cache, tmp_path, monkeypatch, before, after):
+    """(processes, ZeRO stage) before and after: ZeRO-2 on two -> ZeRO-1 on one and back, ZeRO-0 -> ZeRO-2
+    and back. The tag is converted once into DeepSpeed's universal layout beside the original (left as
+    it was), the Adam moments come back exactly as saved, and the run continues with the same lr and
+    its reconstruction loss."""
     accum = {1: 2, 2: 1}  # 32 images per optimizer step either way
     args = quiet(embedded_cache, *SETS)
     first = tmp_path / "first"
@@ -110,9 +115,9 @@ def test_a_zero12_run_continues_on_another_number_of_processes_and_stage(embedde
     assert {f.name: f.read_bytes() for f in tag.iterdir()} == original  # the original tag is untouched
     assert (moved / "checkpoints" / "latest").read_text() == "step00000008"
 
-    # Rank 0's restored partition is the matching stretch of the saved moments, bit for bit (after the
-    # change, rank 0 holds all of them on one process, the first half on two).
-    saved, restored = _consolidated(tag), _flat_moments(torch.load(probe, weights_only=False))
+    # Rank 0's restored moments are the matching stretch of the saved ones, bit for bit (rank 0 holds
+    # all of them on one process or under ZeRO-0, the first half of each group under ZeRO-1/2 on two).
+    saved, restored = _saved_moments(tag), _flat_moments(torch.load(probe, weights_only=False))
     assert saved.keys() == restored.keys()
     for key, flat in saved.items():
         n = min(flat.numel(), restored[key].numel())
