@@ -38,12 +38,17 @@ METHODS = {
 }
 
 
+def pretrain_command(config: str, run_dir: Path, sets: list[str], device: str) -> list[str]:
+    """A pre-training run that logs kNN top-1 at every epoch end, with ``sets`` applied."""
+    sets = [*sets, "eval.knn_every_epochs=1", f"train.device={device}", "log.progress=false", "log.recon_images=0"]
+    return [sys.executable, "-m", "symmim.launch.pretrain", "--config", config, "--output-dir", str(run_dir),
+            *(a for s in sets for a in ("--set", s))]
+
+
 def command(args, name: str) -> list[str]:
     """The pre-training command line of one method."""
-    sets = [*METHODS[name], *args.set, f"train.time_limit_min={args.minutes}", "eval.knn_every_epochs=1",
-            f"train.device={args.device}", "log.progress=false", "log.recon_images=0"]
-    return [sys.executable, "-m", "symmim.launch.pretrain", "--config", args.config,
-            "--output-dir", str(Path(args.runs_dir) / name), *(a for s in sets for a in ("--set", s))]
+    return pretrain_command(args.config, Path(args.runs_dir) / name,
+                            [*METHODS[name], *args.set, f"train.time_limit_min={args.minutes}"], args.device)
 
 
 def knn_curve(run_dir: Path) -> list[dict]:

@@ -419,3 +419,22 @@ def test_time_to_accuracy_reads_the_knn_records(tmp_path, capsys):
     commands = capsys.readouterr().out.splitlines()
     assert len(commands) == 3 and all("train.time_limit_min=2.0" in c and "eval.knn_every_epochs=1" in c for c in commands)
     assert "mask.ratio=0.5" in commands[2]
+
+
+def test_ablations_plan_every_variant_mode_and_seed_and_summarise_the_seeds(capsys):
+    from symmim.benchmarks import ablations
+
+    assert ablations.main(["--dry-run", "--minutes", "1.5", "--epochs", "3", "--seeds", "0", "1",
+                           "--variants", "symmim", "random75", "fixed phase"]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 2 * 3 * 2  # modes x variants x seeds
+    timed = [c for c in commands if "train.time_limit_min=1.5" in c]
+    assert len(timed) == 6 and not any("train.epochs=" in c for c in timed)
+    assert sum("train.epochs=3" in c for c in commands) == 6
+    assert sum("mask.phase=0" in c for c in commands) == 4 and sum("mask.ratio=0.75" in c for c in commands) == 4
+    assert all("eval.knn_every_epochs=1" in c and ("train.seed=0" in c or "train.seed=1" in c) for c in commands)
+    runs = [ablations.one_run([{"wall_s": 10.0, "epoch": 1.0, "knn_top1": b - 5}, {"wall_s": 30.0, "epoch": 3.0,
+                                                                                  "knn_top1": b}]) for b in (20.0, 24.0)]
+    summary = ablations.summarise(runs)
+    assert summary["top1_mean"] == 22.0 and summary["top1_std"] == pytest.approx(2 ** 1.5)
+    assert summary["s_per_epoch"] == 10.0 and summary["epochs_mean"] == 3.0 and summary["seeds"] == 2
