@@ -43,7 +43,7 @@ VARIANTS = {
 MODES = ("time", "epochs")
 
 
-def run_sets(variant: str, mode: str, seed: int, args) -> list[str]:
+def run_sets(mode: str, variant: str, seed: int, args) -> list[str]:
     """The overrides of one run: the variant's, the budget of the mode, the seed, the user's."""
     budget = [f"train.time_limit_min={args.minutes}"] if mode == "time" else [f"train.epochs={args.epochs}"]
     return [*VARIANTS[variant], *budget, f"train.seed={seed}", *args.set]
