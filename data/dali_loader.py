@@ -40,13 +40,11 @@ MIXED_PREALLOCATION = dict(device_memory_padding=211_025_920, host_memory_paddin
 SCAN_ON_FAILURE = 20_000  # on a decode failure, find the broken files of lists up to this size
 
 
-STAGES = ("read", "decode", "resize")  # where ``until`` may cut the pipeline (benchmarks/dataloader.py --stages)
-
-
 @pipeline_def(enable_checkpointing=True)
 def _train_pipeline(source, shard_id, num_shards, size, scale, hflip, decode_device, decoder_args, normalize,
                     until=None, antialias=True):
-    """The training images; ``until`` (one of :data:`STAGES`) returns what that stage made, for profiling."""
+    """The training images; ``until`` ("read", "decode" or "resize") returns what that stage made, for
+    profiling (``benchmarks/dataloader.py --stages``)."""
     if isinstance(source, ImageList):
         encoded, _ = fn.readers.file(
             files=source.files, labels=source.labels, shard_id=shard_id, num_shards=num_shards,

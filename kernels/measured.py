@@ -55,7 +55,3 @@ class ByShape:
         if fn is None:
             fn = self._cache[shape] = self.impls[self.choose(*shape)]
         return fn(*args, **kwargs)
-
-    def describe(self) -> str:
-        return "by shape (" + ", ".join(f"{w}/{n}: {name}" for w, row in self.choices.items()
-                                       for n, name in row.items()) + ")"
