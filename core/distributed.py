@@ -63,6 +63,13 @@ def init_distributed(preference: str, timeout_minutes: float = 30.0, deepspeed: 
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another process of the job died or hung
+    (that process's own log says why)."""
+    return isinstance(err, dist.DistError) or (
+        isinstance(err, RuntimeError) and any(s in str(err) for s in ("closed by peer", "reset by peer")))  # gloo
+
+
 @torch.no_grad()
 def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Every rank's ``x`` concatenated along dim 0, in rank order (no gradient)."""

@@ -12,7 +12,7 @@ import yaml
 
 from symmim.core.checkpoint import CheckpointError, read_manifest, resumable_tag
 from symmim.core.config import Config, ConfigError, load_config, save_config
-from symmim.core.distributed import DistInfo, init_distributed
+from symmim.core.distributed import DistInfo, init_distributed, lost_peer
 from symmim.core.loop import TrainingError
 from symmim.core.pretrained import WeightsError
 from symmim.core.schedules import Schedule
@@ -153,8 +153,9 @@ def launch(args: argparse.Namespace, train: Callable[[Config, RunFolder, DistInf
     folder once its own checks pass).
 
     Returns the process exit code: 0 done (or stopped on request), 2 bad input (config, data,
-    weights, checkpoint, backend, run folder), 3 training could not go on, 1 anything else
-    (logged with its traceback).
+    weights, checkpoint, backend, run folder), 3 training could not go on (the loss diverged, or
+    another process of the job died: its log names the cause), 1 anything else (logged with its
+    traceback).
     """
     faulthandler.enable()  # a crash in native code (DALI, NCCL) still leaves a Python traceback
     setup_logging(0)
@@ -176,7 +177,11 @@ def launch(args: argparse.Namespace, train: Callable[[Config, RunFolder, DistInf
     except TrainingError as err:
         log.error("%s", err)
         return 3
-    except Exception:
+    except Exception as err:
+        if lost_peer(err):
+            log.error("another process of this job failed, so this one stops (%s); that process's log says why",
+                      str(err).splitlines()[0][:300])
+            return 3
         log.exception("failed")
         return 1
     return 0
