@@ -210,8 +210,8 @@ def test_a_dying_rank_ends_the_job_quickly_and_is_named(precheck, embedded_cache
     order = np.random.default_rng(0).permutation(len(items))  # DaliLoader's shuffle (train.seed 0)
     victim = Path(items.files[order[len(items) * 3 // 4]])  # inside rank 1's half of the list
     victim.write_bytes(victim.read_bytes()[:300])
-    t0 = time.time()
-    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), PRETRAIN,
+    t0, port = time.time(), free_port()
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(port), PRETRAIN,
                            *quiet(embedded_cache, *SHORT, f"data.root={root}", "train.dist_timeout_min=1.0",
                                   "train.max_steps=100", f"data.precheck={str(precheck).lower()}"),
                            "--output-dir", str(tmp_path / "run")],
@@ -219,6 +219,7 @@ def test_a_dying_rank_ends_the_job_quickly_and_is_named(precheck, embedded_cache
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert time.time() - t0 < 240
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # DeepSpeed's, unlinked at start
     if precheck:
         for rank in (0, 1):
             assert f"[rank{rank}] symmim: cannot decode 1 file(s): {victim}" in log, log[-5000:]
