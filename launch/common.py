@@ -4,8 +4,11 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import torch.distributed
 import yaml
@@ -155,10 +158,12 @@ def launch(args: argparse.Namespace, train: Callable[[Config, RunFolder, DistInf
     Returns the process exit code: 0 done (or stopped on request), 2 bad input (config, data,
     weights, checkpoint, backend, run folder), 3 training could not go on (the loss diverged, or
     another process of the job died: its log names the cause), 1 anything else (logged with its
-    traceback).
+    traceback). A process of a multi-process job does not return: it ends with that code at once
+    (:func:`end_process`).
     """
     faulthandler.enable()  # a crash in native code (DALI, NCCL) still leaves a Python traceback
     setup_logging(0)
+    world = 1
     try:
         cfg = load_config(args.config, args.set)
         if adjust:
@@ -168,20 +173,40 @@ def launch(args: argparse.Namespace, train: Callable[[Config, RunFolder, DistInf
             return 0
         folder = RunFolder(Path(args.output_dir or Path("runs") / Path(args.config).stem), args.resume)
         dist_info = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
+        world = dist_info.world
         setup_logging(dist_info.rank)
         train(cfg, folder, dist_info)
         torch.distributed.destroy_process_group()  # a clean exit: no communication thread torn down mid-flight
+        code = 0
     except BAD_INPUT as err:
         log.error("%s%s", "config error: " if isinstance(err, ConfigError) else "", err)
-        return 2
+        code = 2
     except TrainingError as err:
         log.error("%s", err)
-        return 3
+        code = 3
     except Exception as err:
         if lost_peer(err):
             log.error("another process of this job failed, so this one stops (%s); that process's log says why",
                       str(err).splitlines()[0][:300])
-            return 3
-        log.exception("failed")
-        return 1
-    return 0
+            code = 3
+        else:
+            log.exception("failed")
+            code = 1
+    if world > 1:
+        end_process(code)
+    return code
+
+
+def end_process(code: int) -> NoReturn:
+    """Flush the logs and end the process with ``code``, skipping the interpreter's teardown.
+
+    After a multi-process run, gloo's process groups (DeepSpeed keeps references to them past
+    ``destroy_process_group``) and the TCP store are torn down at interpreter exit in no fixed
+    order; a finished ZeRO-3 run in CI once aborted there ("terminate called without an active
+    exception", exit -6) and the launcher reported the job failed. By now every file is written and
+    closed, so nothing is lost by not tearing down.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
