@@ -93,6 +93,10 @@ def read_manifest(tag_dir: Path) -> dict:
     return json.loads((tag_dir / MANIFEST).read_text())
 
 
+# Architecture keys added after checkpoints were first written, with the value those checkpoints had.
+ARCH_ADDED = {"head_bn": True, "con_token": "cls"}
+
+
 def _problem(tag_dir: Path, world: int, arch: dict, zero_stage: int) -> str | None:
     """Why ``tag_dir`` cannot be resumed by this run, or None if it can."""
     try:
@@ -103,8 +107,9 @@ def _problem(tag_dir: Path, world: int, arch: dict, zero_stage: int) -> str | No
         path = tag_dir / name
         if not path.is_file() or path.stat().st_size != size:
             return f"damaged: {name} is missing or truncated"
-    if manifest["arch"] != arch:
-        diff = {k: (manifest["arch"].get(k), v) for k, v in arch.items() if manifest["arch"].get(k) != v}
+    saved = {**ARCH_ADDED, **manifest["arch"]}
+    if saved != arch:
+        diff = {k: (saved.get(k), v) for k, v in arch.items() if saved.get(k) != v}
         detail = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(f"{tag_dir} holds another model ({detail}); use the run's own config or a new --output-dir")
     saved_stage = manifest.get("layout", {}).get("zero_stage")

@@ -47,6 +47,8 @@ class ModelConfig:
     decoder_heads: int = 16
     proj_hidden: int = 4096  # projector / predictor MLP hidden width (MoCo v3)
     proj_dim: int = 256  # contrastive embedding width
+    head_bn: bool = True  # BatchNorm (over the global batch) in the projector / predictor, as MoCo v3
+    con_token: Literal["cls", "mean"] = "cls"  # what feeds the heads: CLS, or the mean of the visible tokens
 
 
 @dataclass

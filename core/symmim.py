@@ -71,17 +71,24 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         return y.to(x.dtype)
 
 
-def mlp_head(layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool) -> nn.Sequential:
-    """MoCo v3 MLP: Linear-BN-ReLU blocks, a last Linear, optionally a BN without affine (global-batch BN)."""
+def mlp_head(layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool, bn: bool = True) -> nn.Sequential:
+    """MoCo v3 MLP: Linear-BN-ReLU blocks, a last Linear, optionally a BN without affine (global-batch BN).
+    ``bn=False``: Linear-ReLU blocks with biases and a last Linear, no BatchNorm anywhere."""
     mods: list[nn.Module] = []
     for i in range(layers):
         last = i == layers - 1
-        mods.append(nn.Linear(in_dim if i == 0 else hidden, out_dim if last else hidden, bias=False))
+        mods.append(nn.Linear(in_dim if i == 0 else hidden, out_dim if last else hidden, bias=not bn))
         if not last:
-            mods += [GlobalBatchNorm1d(hidden), nn.ReLU(inplace=True)]
-        elif last_bn:
+            mods += [GlobalBatchNorm1d(hidden), nn.ReLU(inplace=True)] if bn else [nn.ReLU(inplace=True)]
+        elif last_bn and bn:
             mods.append(GlobalBatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*mods)
+
+
+def head_input(latent: Tensor, token: str) -> Tensor:
+    """What the contrastive heads see: ``latent [B, 1 + N_vis, D]`` -> ``[B, D]``, the CLS token
+    (``cls``) or the mean of the visible patch tokens (``mean``)."""
+    return latent[:, 0] if token == "cls" else latent[:, 1:].mean(1)
 
 
 def info_nce(q: Tensor, k_all: Tensor, offset: int, temperature: float) -> Tensor:
@@ -112,8 +119,9 @@ class SymMIM(nn.Module):
         self.loss_op = backends.norm_pix_loss_op
         self.contrastive = loss.con_weight > 0
         if self.contrastive:
-            self.projector = mlp_head(3, self.encoder.dim, model.proj_hidden, model.proj_dim, last_bn=True)
-            self.predictor = mlp_head(2, model.proj_dim, model.proj_hidden, model.proj_dim, last_bn=False)
+            self.con_token = model.con_token
+            self.projector = mlp_head(3, self.encoder.dim, model.proj_hidden, model.proj_dim, True, model.head_bn)
+            self.predictor = mlp_head(2, model.proj_dim, model.proj_hidden, model.proj_dim, False, model.head_bn)
 
     def forward(self, images: Tensor, mask: Mask, keys: Tensor | None = None, key_offset: int = 0) -> dict[str, Tensor]:
         """images ``[B, 3, H, W]`` (fp32, normalised); keys ``[W*B, E]`` from the momentum branch."""
@@ -124,7 +132,7 @@ class SymMIM(nn.Module):
         if self.contrastive:
             if keys is None:
                 raise ValueError("the contrastive branch is on: forward needs the momentum keys")
-            q = self.predictor(self.projector(latent[:, 0]))  # [B, E]
+            q = self.predictor(self.projector(head_input(latent, self.con_token)))  # [B, E]
             out["loss_con"] = info_nce(q, keys, key_offset, self.loss_cfg.temperature)
             out["loss"] = loss_mim + self.loss_cfg.con_weight * out["loss_con"]
         else:
@@ -140,14 +148,15 @@ class MomentumBranch(nn.Module):
         super().__init__()
         self.encoder = copy.deepcopy(online.encoder).float()
         self.projector = copy.deepcopy(online.projector).float()
+        self.con_token = online.con_token
         self.requires_grad_(False)
 
     @torch.no_grad()
     def forward(self, images: Tensor, mask: Mask, dtype: torch.dtype) -> Tensor:
         """Keys ``[B, E]`` of the visible patches; the encoder runs in ``dtype`` via autocast."""
         with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            cls = self.encoder(images.float(), mask)[:, 0]  # [B, D]
-        return self.projector(cls.float())  # small MLP with BatchNorm: fp32
+            latent = self.encoder(images.float(), mask)  # [B, 1 + N_vis, D]
+        return self.projector(head_input(latent, self.con_token).float())  # [B, E]; small MLP with BatchNorm: fp32
 
     @torch.no_grad()
     def update(self, online: SymMIM, momentum: float | Tensor, masters: dict[int, Tensor] | None = None) -> None:

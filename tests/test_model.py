@@ -228,9 +228,9 @@ def test_decoder_puts_tokens_back_in_place():
 # ---------------------------------------------------------------- SymMIM forward / backward
 
 
-def make(con_weight=1.0, seed=0):
+def make(con_weight=1.0, seed=0, *extra):
     torch.manual_seed(seed)
-    cfg = small_cfg(f"loss.con_weight={con_weight}")
+    cfg = small_cfg(f"loss.con_weight={con_weight}", *extra)
     model = SymMIM(cfg.model, cfg.loss, TORCH)
     masks = MaskGenerator(cfg.mask, model.encoder.grid, CPU, seed=seed)
     return cfg, model, masks
@@ -305,6 +305,31 @@ def test_contrastive_loss_alone_trains_encoder_through_cls():
     assert float(model.encoder.cls_token.grad.abs().sum()) > 0
     assert float(model.encoder.blocks[0].mlp.fc1.weight.grad.abs().sum()) > 0
     assert all(p.grad is None for p in model.decoder.parameters())  # decoder is not on that path
+
+
+def test_heads_without_batchnorm():
+    _, model, masks = make(1.0, 0, "model.head_bn=false")
+    momentum = MomentumBranch(model)
+    for head in (model.projector, model.predictor, momentum.projector):
+        assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in head.modules())
+        assert all(lin.bias is not None for lin in head if isinstance(lin, torch.nn.Linear))
+    assert [type(m).__name__ for m in model.projector] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    x = images(2)
+    keys = momentum(x, masks.momentum(2), torch.float32)
+    out = model(x, masks.online(2), keys, 0)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss_con"]) and float(model.projector[0].weight.grad.abs().sum()) > 0
+
+
+def test_mean_token_feeds_the_heads():
+    _, model, masks = make(1.0, 0, "model.con_token=mean")
+    momentum = MomentumBranch(model).eval()  # BatchNorm on running stats: rows independent of each other
+    x, mask = images(3), masks.momentum(3)
+    latent = momentum.encoder(x, mask)  # [B, 1 + N_vis, D]
+    torch.testing.assert_close(momentum(x, mask, torch.float32), momentum.projector(latent[:, 1:].mean(1)))
+    assert not torch.allclose(momentum.projector(latent[:, 1:].mean(1)), momentum.projector(latent[:, 0]))
+    model(x, masks.online(3), momentum(x, mask, torch.float32), 0)["loss_con"].backward()
+    assert float(model.encoder.blocks[-1].mlp.fc2.weight.grad.abs().sum()) > 0
 
 
 def test_momentum_branch_outside_the_model():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 from pretrain_runs import PRETRAIN, ROOT, clean_env, metrics, quiet, run
+
+from symmim.core.checkpoint import CheckpointError, resumable_tag
+from symmim.core.config import load_config
+from symmim.core.pretrain_step import architecture
 
 pytestmark = pytest.mark.slow
 SHORT = ("train.batch_size=32", "log.every_steps=2", "log.recon_images=0", "train.max_steps=4",
@@ -52,6 +57,23 @@ def test_a_refused_resume_leaves_config_yaml_as_it_was(finished):
     assert "device cpu" not in proc.stderr  # the checkpoint was checked before the engine was built
     assert snapshot(run_dir) == before
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["size"] == "micro"
+
+
+def test_checkpoints_from_before_the_head_options_resume_under_their_defaults(finished, tmp_path):
+    """Manifests written before ``model.head_bn`` and ``model.con_token`` existed lack them; they
+    held BatchNorm heads fed by CLS, so they resume as such and under nothing else."""
+    src, _, _ = finished
+    ckpt = tmp_path / "checkpoints"
+    shutil.copytree(src / "checkpoints", ckpt, symlinks=True)
+    for manifest in ckpt.glob("step*/manifest.json"):
+        saved = json.loads(manifest.read_text())
+        del saved["arch"]["head_bn"], saved["arch"]["con_token"]
+        manifest.write_text(json.dumps(saved))
+    cfg = load_config(str(src / "config.yaml"))
+    assert resumable_tag(ckpt, architecture(cfg), 1, 0).name == "step00000004"
+    cfg.model.head_bn = False
+    with pytest.raises(CheckpointError, match="holds another model \\(head_bn: checkpoint True vs this run False\\)"):
+        resumable_tag(ckpt, architecture(cfg), 1, 0)
 
 
 def test_a_missing_data_root_fails_before_anything_is_built_or_written(tmp_path):
