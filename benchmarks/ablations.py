@@ -3,18 +3,28 @@ epochs, over several seeds; kNN top-1 (mean and spread), epochs done and seconds
 
     python benchmarks/ablations.py --minutes 4 --epochs 20 --seeds 0 1 2 \
         --json benchmarks/results/cpu_ablations.json
+    python benchmarks/ablations.py --variants "fixed phase" --extend --json benchmarks/results/cpu_ablations.json
+    python benchmarks/ablations.py --dataset digits --json benchmarks/results/cpu_ablations_digits.json
     python benchmarks/ablations.py --variants symmim random75 --modes time --dry-run
 
 Each run is a normal pre-training run (``benchmarks/time_to_accuracy.py``'s: kNN at every epoch
-end, k = 20, cosine, the kNN passes outside the budget) of ``--config`` (the embedded set with
-``configs/tiny_cpu.yaml`` by default; ``--set data.root=...`` for another ImageFolder set).
+end, k = 20, cosine, the kNN passes outside the budget) of ``--config`` (``configs/tiny_cpu.yaml``
+by default) on ``--dataset``: ``embedded`` (the generated default set) or ``digits``
+(scikit-learn's 1,797 scanned handwritten digits, 10 classes, shipped inside the package; written
+once as a 64 px ImageFolder, a fifth of each class held out for kNN). ``--set data.root=...``
+takes any other ImageFolder set.
+
 ``time`` mode stops each run after ``--minutes`` of training on the preset's schedule (so a cheaper
 variant gets further along it); ``epochs`` mode runs ``--epochs`` epochs whatever they cost, the
 schedule spanning them. Variants change only what they name: the mask, the contrastive weight,
-temperature and EMA schedule. The best kNN top-1 of a run is what the table compares.
+temperature and EMA schedule, the heads' BatchNorm and the token they read; the preset's own
+values (``symmim``) are lambda 1, tau 0.2, EMA 0.99 -> 1, BatchNorm heads, CLS. The best kNN top-1
+of a run is what the table compares. ``--extend`` adds variants to an existing ``--json`` of the
+same budgets, seeds and data instead of starting a new table.
 """
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import statistics
@@ -22,7 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from symmim.benchmarks.common import ROOT, base_parser, environment, print_table, write_results
+from symmim.benchmarks.common import ROOT, base_parser, environment, print_table, save_partial, write_results
 from symmim.benchmarks.time_to_accuracy import knn_curve, pretrain_command
 from symmim.core.distributed import pick_device
 
@@ -39,8 +49,40 @@ VARIANTS = {
     "con_weight 0.3": ["loss.con_weight=0.3"],
     "temperature 0.1": ["loss.temperature=0.1"],
     "EMA 0.996 -> 1": ["loss.momentum=0.996"],
+    "heads without BatchNorm": ["model.head_bn=false"],
+    "mean token to the heads": ["model.con_token=mean"],
 }
 MODES = ("time", "epochs")
+SAME_PLAN = ("config", "dataset", "overrides", "minutes", "epochs", "seeds")  # what --extend requires unchanged
+
+
+def write_digits(root: Path, size: int = 64) -> Path:
+    """scikit-learn's handwritten digits (8x8, 17 grey levels) as an ImageFolder of ``size`` px RGB
+    JPEGs under ``root``: every fifth image of a class in ``val/``, the rest in ``train/``."""
+    if (root / "val").is_dir():
+        return root
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        sys.exit("--dataset digits needs scikit-learn (pip install scikit-learn)")
+    from PIL import Image
+
+    digits = load_digits()
+    seen = [0] * 10
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for image, label in zip(digits.images, digits.target):  # [8, 8] in 0..16
+        split = "val" if seen[label] % 5 == 4 else "train"
+        seen[label] += 1
+        folder = tmp / split / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        grey = Image.fromarray((image * (255 / 16)).round().astype("uint8")).resize((size, size), Image.BICUBIC)
+        grey.convert("RGB").save(folder / f"{seen[label]:03d}.jpg", quality=95)
+    tmp.rename(root)
+    return root
+
+
+DATASETS = {"embedded": None, "digits": write_digits}
 
 
 def run_sets(mode: str, variant: str, seed: int, args) -> list[str]:
@@ -86,9 +128,26 @@ def plot(path: Path, record: dict) -> None:
     plt.close(fig)
 
 
+def extended(args) -> dict:
+    """The record ``--extend`` adds to (empty without it), checked to hold runs of the same plan."""
+    if not args.extend:
+        return {}
+    if not args.json or not Path(args.json).is_file():
+        sys.exit("--extend adds to an existing --json table; none given or found")
+    previous = json.loads(Path(args.json).read_text())
+    previous.setdefault("dataset", "embedded")  # tables written before --dataset
+    ours = {"config": args.config, "dataset": args.dataset, "overrides": args.set, "minutes": args.minutes,
+            "epochs": args.epochs, "seeds": args.seeds}
+    differ = [f"{k} {previous.get(k)!r} there, {ours[k]!r} here" for k in SAME_PLAN if previous.get(k) != ours[k]]
+    if differ or sorted(previous["runs"]) != sorted(args.modes):
+        sys.exit(f"--extend: {args.json} was run with another plan ({'; '.join(differ) or 'other modes'})")
+    return previous
+
+
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny_cpu.yaml"), help="pre-training preset of every run")
+    p.add_argument("--dataset", choices=list(DATASETS), default="embedded", help="the ImageFolder set of every run")
     p.add_argument("--minutes", type=float, default=4.0, help="time mode: training minutes of each run")
     p.add_argument("--epochs", type=int, default=20, help="epochs mode: epochs of each run")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -97,17 +156,28 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"default all: {', '.join(VARIANTS)}")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "ablations"), help="one folder per run (replaced)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    p.add_argument("--extend", action="store_true", help="add these variants to the table in --json")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
-    plan = [(mode, v, seed) for mode in args.modes for v in args.variants for seed in args.seeds]
-    commands = {key: pretrain_command(args.config, Path(args.runs_dir) / f"{key[0]}-{key[1]}-{key[2]}".replace(" ", "_"),
+    data_root = Path(args.runs_dir) / f"data-{args.dataset}"
+    if args.dataset != "embedded":
+        args.set = [f"data.root={data_root}", *args.set]
+    previous = extended(args)
+    if args.dataset != "embedded" and not args.dry_run:
+        DATASETS[args.dataset](data_root)
+    done = {(mode, v, r["seed"]) for mode, by_variant in previous.get("runs", {}).items()
+            for v, rs in by_variant.items() for r in rs}
+    plan = [(mode, v, seed) for mode in args.modes for v in args.variants for seed in args.seeds
+            if (mode, v, seed) not in done]
+    run_dir = Path(args.runs_dir) / args.dataset
+    commands = {key: pretrain_command(args.config, run_dir / f"{key[0]}-{key[1]}-{key[2]}".replace(" ", "_"),
                                       run_sets(*key, args), args.device) for key in plan}
     if args.dry_run:
         for cmd in commands.values():
             print(shlex.join(cmd))
         return 0
 
-    runs: dict[str, dict[str, list[dict]]] = {mode: {v: [] for v in args.variants} for mode in args.modes}
+    runs = {mode: {v: list(rs) for v, rs in previous.get("runs", {}).get(mode, {}).items()} for mode in args.modes}
     for i, ((mode, variant, seed), cmd) in enumerate(commands.items(), 1):
         run_dir = Path(cmd[cmd.index("--output-dir") + 1])
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -118,26 +188,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{variant} (seed {seed}) failed or logged no kNN: exit {proc.returncode}\n{proc.stderr[-2000:]}",
                   file=sys.stderr)
             return 1
-        runs[mode][variant].append({"seed": seed, **one_run(curve)})
+        runs[mode].setdefault(variant, []).append({"seed": seed, **one_run(curve)})
         print(f"   best top-1 {runs[mode][variant][-1]['best_top1']:.1f}% after {curve[-1]['epoch']:.1f} epochs",
               flush=True)
+        save_partial(args.json, record(args, previous, runs))  # what an interruption leaves: go on with --extend
 
-    env = environment(pick_device(args.device))
-    summary = {mode: {v: summarise(rs) for v, rs in by_variant.items()} for mode, by_variant in runs.items()}
-    for mode, rows in summary.items():
+    rec = record(args, previous, runs)
+    for mode, rows in rec["summary"].items():
         budget = f"{args.minutes} min" if mode == "time" else f"{args.epochs} epochs"
         table = [{"variant": v, **{k: round(x, 2) if isinstance(x, float) else x for k, x in r.items()}}
                  for v, r in rows.items()]
-        print_table(f"equal {mode} ({budget} per run, seeds {args.seeds}, {Path(args.config).name})", env, table,
-                    list(table[0]))
-    record = {"benchmark": "ablations", "env": env, "command": shlex.join(["python", *sys.argv]), "config": args.config,
-              "overrides": args.set, "minutes": args.minutes, "epochs": args.epochs, "seeds": args.seeds,
-              "variants": {v: VARIANTS[v] for v in args.variants}, "summary": summary, "runs": runs}
-    write_results(args.json, record)
+        print_table(f"equal {mode} ({budget} per run, seeds {args.seeds}, {args.dataset}, {Path(args.config).name})",
+                    rec["env"], table, list(table[0]))
+    write_results(args.json, rec)
     if args.json:
-        plot(Path(args.json).with_suffix(".png"), record)
+        plot(Path(args.json).with_suffix(".png"), rec)
     return 0
 
+
+def record(args, previous: dict, runs: dict[str, dict[str, list[dict]]]) -> dict:
+    """The table's JSON record: plan, environment, every run and each variant's summary."""
+    earlier = previous.get("commands", [previous["command"]] if previous else [])
+    return {"benchmark": "ablations", "env": environment(pick_device(args.device)),
+            "commands": [*earlier, shlex.join(["python", *sys.argv])], "config": args.config,
+            "dataset": args.dataset, "overrides": args.set, "minutes": args.minutes, "epochs": args.epochs,
+            "seeds": args.seeds, "variants": {v: VARIANTS[v] for rs in runs.values() for v in rs},
+            "summary": {mode: {v: summarise(rs) for v, rs in by_variant.items()} for mode, by_variant in runs.items()},
+            "runs": runs}
 
 if __name__ == "__main__":
     sys.exit(main())
