@@ -438,3 +438,60 @@ def test_ablations_plan_every_variant_mode_and_seed_and_summarise_the_seeds(caps
     summary = ablations.summarise(runs)
     assert summary["top1_mean"] == 22.0 and summary["top1_std"] == pytest.approx(2 ** 1.5)
     assert summary["s_per_epoch"] == 10.0 and summary["epochs_mean"] == 3.0 and summary["seeds"] == 2
+
+
+def test_ablations_extend_runs_only_what_the_table_lacks_and_refuses_another_plan(tmp_path, capsys):
+    from symmim.benchmarks import ablations
+
+    table = tmp_path / "abl.json"
+    plan = ["--minutes", "1.5", "--epochs", "3", "--seeds", "0", "1", "--runs-dir", str(tmp_path), "--json", str(table)]
+    run = {"best_top1": 20.0, "final_top1": 20.0, "epochs": 3.0, "wall_s": 30.0, "s_per_epoch": 10.0, "curve": []}
+    table.write_text(json.dumps({
+        "command": "python benchmarks/ablations.py ...", "config": str(ablations.ROOT / "configs" / "tiny_cpu.yaml"),
+        "overrides": [], "minutes": 1.5, "epochs": 3, "seeds": [0, 1],
+        "runs": {"time": {"symmim": [{"seed": 0, **run}, {"seed": 1, **run}]}, "epochs": {"symmim": [{"seed": 0, **run}]}},
+    }))
+    assert ablations.main(["--dry-run", "--extend", *plan, "--variants", "symmim", "fixed phase"]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    # fixed phase in both modes for both seeds, and the one symmim run the table lacks (epochs, seed 1)
+    assert len(commands) == 5 and sum("mask.phase=0" in c for c in commands) == 4
+    assert [c for c in commands if "mask.phase" not in c] == [c for c in commands if "epochs-symmim-1" in c]
+    with pytest.raises(SystemExit, match="another plan \\(minutes 1.5 there, 2.0 here\\)"):
+        ablations.main(["--dry-run", "--extend", *plan, "--minutes", "2"])
+    with pytest.raises(SystemExit, match="another plan \\(dataset 'embedded' there, 'digits' here; overrides"):
+        ablations.main(["--dry-run", "--extend", *plan, "--dataset", "digits"])
+
+
+def test_digits_become_an_imagefolder_with_a_fifth_of_each_class_held_out(tmp_path):
+    from symmim.benchmarks.ablations import write_digits
+
+    root = write_digits(tmp_path / "digits")
+    counts = {split: len(list((root / split).rglob("*.jpg"))) for split in ("train", "val")}
+    assert counts == {"train": 1442, "val": 355}  # 1,797 images; per class every fifth held out
+    assert sorted(p.name for p in (root / "val").iterdir()) == [str(d) for d in range(10)]
+    first = sorted((root / "train" / "7").iterdir())[0]
+    with Image.open(first) as image:
+        assert image.mode == "RGB" and image.size == (64, 64)
+        pixels = np.asarray(image)
+    assert pixels.min() < 30 and pixels.max() > 200  # ink on paper, not a blank
+    stamp = first.stat().st_mtime_ns
+    assert write_digits(root) == root and first.stat().st_mtime_ns == stamp  # written once
+    assert not root.with_name("digits.partial").exists()
+
+
+def test_an_ablation_table_keeps_every_command_that_added_to_it():
+    import shlex
+    from types import SimpleNamespace
+
+    from symmim.benchmarks import ablations
+
+    args = SimpleNamespace(device="cpu", config="tiny_cpu.yaml", dataset="embedded", set=[], minutes=1.0, epochs=2,
+                           seeds=[0], modes=["time"])
+    run = {"seed": 0, "best_top1": 20.0, "final_top1": 20.0, "epochs": 2.0, "wall_s": 20.0, "s_per_epoch": 10.0}
+    runs = {"time": {"symmim": [run]}}
+    this = shlex.join(["python", *sys.argv])
+    assert ablations.record(args, {}, runs)["commands"] == [this]
+    first = ablations.record(args, {"command": "python benchmarks/ablations.py --variants symmim"}, runs)  # older tables
+    assert first["commands"] == ["python benchmarks/ablations.py --variants symmim", this]
+    assert ablations.record(args, first, runs)["commands"] == [*first["commands"], this]
+    assert first["summary"]["time"]["symmim"]["top1_mean"] == 20.0 and first["variants"] == {"symmim": ["loss.con_weight=1.0"]}
