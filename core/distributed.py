@@ -66,19 +66,15 @@ def init_distributed(preference: str, timeout_minutes: float = 30.0, deepspeed: 
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def shm_buffer(rank: int) -> Path:
-    """Where DeepSpeed's CPU backend keeps ``rank``'s shared-memory all-reduce buffer (66 MB) when
-    every rank of the job is local."""
-    env = os.environ
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{rank}"
-
-
 def _unlink_shm_buffer(rank: int) -> None:
-    """DeepSpeed never unlinks its shared-memory buffers: each multi-process CPU run would leave
-    them in /dev/shm. Once every rank has mapped every buffer (the barrier: DeepSpeed maps them
-    while joining), the names can go; the memory lives until the last process exits, however it ends."""
+    """DeepSpeed's CPU backend maps a 66 MB shared-memory all-reduce buffer per rank when every
+    rank is local, and never unlinks it: each multi-process CPU run would leave them in /dev/shm.
+    Once every rank has mapped every buffer (the barrier: DeepSpeed maps them while joining), the
+    names can go; the memory lives until the last process exits, however it ends."""
     dist.barrier()
-    shm_buffer(rank).unlink(missing_ok=True)
+    env = os.environ
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{rank}"
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def lost_peer(err: BaseException) -> bool:
