@@ -81,7 +81,7 @@ def print_table(title: str, env: dict, rows: list[dict], columns: list[str]) -> 
     print(f"\n== {title} ==")
     print(f"device: {env['device']} | commit {env['commit']} | {env['date']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v))
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    widths = {c: max([len(c), *(len(_fmt(r.get(c))) for r in rows)]) for c in columns}  # rows may be empty
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for r in rows:
         print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
