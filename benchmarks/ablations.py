@@ -84,9 +84,6 @@ def write_digits(root: Path, size: int = 64) -> Path:
     return root
 
 
-DATASETS = {"embedded": None, "digits": write_digits}
-
-
 def run_sets(mode: str, variant: str, seed: int, args) -> list[str]:
     """The overrides of one run: the variant's, the budget of the mode, the seed, the user's."""
     budget = [f"train.time_limit_min={args.minutes}"] if mode == "time" else [f"train.epochs={args.epochs}"]
@@ -150,7 +147,8 @@ def extended(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny_cpu.yaml"), help="pre-training preset of every run")
-    p.add_argument("--dataset", choices=list(DATASETS), default="embedded", help="the ImageFolder set of every run")
+    p.add_argument("--dataset", choices=("embedded", "digits"), default="embedded",
+                   help="the ImageFolder set of every run")
     p.add_argument("--minutes", type=float, default=4.0, help="time mode: training minutes of each run")
     p.add_argument("--epochs", type=int, default=20, help="epochs mode: epochs of each run")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -166,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset != "embedded":
         args.set = [f"data.root={data_root}", *args.set]
     previous = extended(args)
-    if args.dataset != "embedded" and not args.dry_run:
-        DATASETS[args.dataset](data_root)
+    if args.dataset == "digits" and not args.dry_run:
+        write_digits(data_root)
     done = {(mode, v, r["seed"]) for mode, by_variant in previous.get("runs", {}).items()
             for v, rs in by_variant.items() for r in rs}
     plan = [(mode, v, seed) for mode in args.modes for v in args.variants for seed in args.seeds
@@ -218,6 +216,7 @@ def record(args, previous: dict, runs: dict[str, dict[str, list[dict]]]) -> dict
             "seeds": args.seeds, "variants": {v: VARIANTS[v] for rs in runs.values() for v in rs},
             "summary": {mode: {v: summarise(rs) for v, rs in by_variant.items()} for mode, by_variant in runs.items()},
             "runs": runs}
+
 
 if __name__ == "__main__":
     sys.exit(main())
