@@ -81,6 +81,12 @@ class DataConfig:
     precheck: bool = True  # DALI ImageFolder: find truncated files first (reads each file's last KiB)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
+    # the momentum (key) branch's input: `same` (the online view; the loader yields one tensor),
+    # `independent` (MoCo v3's second view: its own crop and flip, colour jitter, grayscale, blur,
+    # solarize) or `shifted` (the online crop box moved by up to key_shift output pixels per axis,
+    # CMAE's pixel shift; same flip, no colour change); the other two yield data.views.Views(online, key)
+    key_view: Literal["same", "independent", "shifted"] = "same"
+    key_shift: int = 16  # shifted: largest move, output pixels per axis (16: one patch of ViT-B/16 at 224 px)
     # DALI's GPU (`mixed`) decoder: the share of JPEGs sent to the hardware decoder (A100/H100/H200),
     # and nvJPEG buffers reserved up front for ImageNet-size images (NVIDIA's example values)
     hw_decoder_load: float = 0.65
@@ -326,6 +332,8 @@ def validate(cfg: Config) -> None:
     for key in ("batch_size", "grad_accum", "epochs"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}: must be at least 1, got {getattr(t, key)}")
+    if not 0 <= cfg.data.key_shift < m.img_size:
+        raise ConfigError(f"data.key_shift: output pixels in [0, model.img_size {m.img_size}), got {cfg.data.key_shift}")
     if not 0.0 <= cfg.data.hw_decoder_load <= 1.0:
         raise ConfigError(f"data.hw_decoder_load: a share in [0, 1], got {cfg.data.hw_decoder_load}")
     if cfg.loss.con_weight > 0 and t.batch_size < 2:

@@ -1,24 +1,32 @@
 """Plain PyTorch fallback loader (PIL decode in DataLoader workers), same interface as DALI's.
 
 Order and augmentation are functions of ``(seed, epoch, index)`` alone, so an epoch can be
-resumed at any step and the output does not depend on the number of workers.
+resumed at any step and the output does not depend on the number of workers. The key views
+(``data.key_view``, ``data/views.py``) are made with PIL alone (torchvision's C++ ops do not load
+beside the CPU torch build), following torchvision's PIL code paths, which MoCo v3 ran.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from symmim.data import views as moco
 from symmim.data.folder import DataError, ImageList, batches_per_epoch, normalize, pixel_stats, scan_imagefolder
+from symmim.data.views import Views
 
 if TYPE_CHECKING:
     from symmim.core.config import DataConfig
+
+
+Box = tuple[float, float, float, float]  # left, top, right, bottom in source pixels
 
 
 def random_resized_crop_box(
@@ -66,35 +74,138 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-class _AugmentedImages(Dataset):
-    """Index ``(epoch, i)`` -> (uint8 ``[3, S, S]`` random-resized-crop (+ flip) of image ``i``, label)."""
+def shifted_box(box: Box, width: int, height: int, size: int, max_shift: int, rng: np.random.Generator) -> Box:
+    """``box`` moved by a whole number of output pixels (the box resized to ``size``), uniform in
+    ``[-max_shift, max_shift]`` along each axis, then kept inside the ``width`` x ``height`` image."""
+    left, top, right, bottom = box
+    w, h = right - left, bottom - top
+    dx, dy = rng.integers(-max_shift, max_shift + 1, size=2)
+    left = min(max(left + dx * w / size, 0.0), width - w)
+    top = min(max(top + dy * h / size, 0.0), height - h)
+    return left, top, left + w, top + h
 
-    def __init__(self, items: ImageList, size: int, scale: tuple[float, float], hflip: bool, seed: int):
-        self.items, self.size, self.scale, self.hflip, self.seed = items, size, scale, hflip, seed
+
+def crop_view(img: Image.Image, box: Box, size: int, flip: bool) -> Image.Image:
+    """``box`` of ``img`` resized to ``size`` x ``size`` (bilinear), mirrored when ``flip``."""
+    view = img.resize((size, size), Image.BILINEAR, box=box)
+    return view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view
+
+
+@dataclass(frozen=True)
+class KeyColour:
+    """The colour changes drawn for one ``independent`` key view, each in the order applied."""
+
+    jitter: tuple[tuple[str, float], ...]  # (brightness|contrast|saturation|hue, factor or hue shift); () = none
+    gray: bool
+    blur: float  # Gaussian sigma in pixels; 0 = no blur
+    solarize: bool
+
+
+def draw_colour(rng: np.random.Generator) -> KeyColour:
+    """MoCo v3's key-view colour draw; the jitter's four changes in a random order, as torchvision's ColorJitter."""
+    jitter = ()
+    if rng.random() < moco.JITTER_P:
+        factors = {"brightness": rng.uniform(1 - moco.BRIGHTNESS, 1 + moco.BRIGHTNESS),
+                   "contrast": rng.uniform(1 - moco.CONTRAST, 1 + moco.CONTRAST),
+                   "saturation": rng.uniform(1 - moco.SATURATION, 1 + moco.SATURATION),
+                   "hue": rng.uniform(-moco.HUE, moco.HUE)}
+        jitter = tuple((str(name), factors[name]) for name in rng.permutation(list(factors)))
+    gray = rng.random() < moco.GRAY_P
+    blur = rng.uniform(*moco.BLUR_SIGMA) if rng.random() < moco.BLUR_P else 0.0
+    return KeyColour(jitter, gray, blur, rng.random() < moco.SOLARIZE_P)
+
+
+_ENHANCE = {"brightness": ImageEnhance.Brightness, "contrast": ImageEnhance.Contrast, "saturation": ImageEnhance.Color}
+
+
+def _turn_hue(img: Image.Image, turn: float) -> Image.Image:
+    """``img`` with its hue moved by ``turn`` of the colour wheel (torchvision's PIL ``adjust_hue``)."""
+    h, s, v = img.convert("HSV").split()
+    step = round(turn * 255)
+    return Image.merge("HSV", (h.point([(i + step) % 256 for i in range(256)]), s, v)).convert("RGB")
+
+
+def apply_colour(img: Image.Image, colour: KeyColour) -> Image.Image:
+    """``img`` after the changes ``colour`` drew (torchvision's and MoCo v3's PIL operations)."""
+    for name, factor in colour.jitter:
+        img = _turn_hue(img, factor) if name == "hue" else _ENHANCE[name](img).enhance(factor)
+    if colour.gray:
+        img = img.convert("L").convert("RGB")
+    if colour.blur:
+        img = img.filter(ImageFilter.GaussianBlur(colour.blur))  # PIL's radius is the standard deviation
+    return ImageOps.solarize(img, moco.SOLARIZE_AT) if colour.solarize else img
+
+
+@dataclass(frozen=True)
+class KeyDraw:
+    """Where the key view of one image lies and what is done to it."""
+
+    box: Box
+    flip: bool
+    colour: KeyColour | None  # independent only
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The training views of one image, drawn from a random generator: the online random-resized crop
+    and flip and, unless ``key_view`` is ``same``, the key view (``data/views.py``)."""
+
+    size: int
+    scale: tuple[float, float]
+    hflip: bool
+    key_view: str = "same"
+    key_shift: int = 0
+
+    def online(self, width: int, height: int, rng: np.random.Generator) -> tuple[Box, bool]:
+        """Crop box and flip of the online view of a ``width`` x ``height`` image."""
+        box = random_resized_crop_box(width, height, self.scale, rng)
+        return box, self.hflip and rng.random() < 0.5
+
+    def key(self, width: int, height: int, box: Box, flip: bool, rng: np.random.Generator) -> KeyDraw:
+        """The key view of an image whose online view is ``box``, ``flip``."""
+        if self.key_view == "shifted":
+            return KeyDraw(shifted_box(box, width, height, self.size, self.key_shift, rng), flip, None)
+        key_box = random_resized_crop_box(width, height, self.scale, rng)
+        return KeyDraw(key_box, self.hflip and rng.random() < 0.5, draw_colour(rng))
+
+    def views(self, img: Image.Image, rng: np.random.Generator) -> list[torch.Tensor]:
+        """uint8 ``[3, S, S]``: the online view, then the key view unless ``key_view`` is ``same``."""
+        box, flip = self.online(img.width, img.height, rng)
+        views = [crop_view(img, box, self.size, flip)]
+        if self.key_view != "same":
+            key = self.key(img.width, img.height, box, flip, rng)
+            view = crop_view(img, key.box, self.size, key.flip)
+            views.append(apply_colour(view, key.colour) if key.colour else view)
+        return [to_tensor(v) for v in views]
+
+
+class _AugmentedImages(Dataset):
+    """Index ``(epoch, i)`` -> (uint8 ``[3, S, S]`` online view, the key view unless ``same``, label) of image ``i``."""
+
+    def __init__(self, items: ImageList, augment: Augmentation, seed: int):
+        self.items, self.augment, self.seed = items, augment, seed
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple:
         epoch, i = key
         rng = np.random.default_rng([self.seed, epoch, i])
-        img = open_rgb(self.items.files[i])
-        box = random_resized_crop_box(img.width, img.height, self.scale, rng)
-        img = img.resize((self.size, self.size), Image.BILINEAR, box=box)
-        if self.hflip and rng.random() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_tensor(img), self.items.labels[i]  # [3, S, S] uint8, class index
+        return (*self.augment.views(open_rgb(self.items.files[i]), rng), self.items.labels[i])
 
 
 class TorchLoader:
     """Per-rank batches of augmented training images, normalised on the training device.
 
-    With ``labels=True`` (fine-tuning, linear probe) each batch is ``(images, labels)``.
+    With ``labels=True`` (fine-tuning, linear probe) each batch is ``(images, labels)`` and
+    ``data.key_view`` does not apply.
     """
 
     def __init__(self, items: ImageList, data: DataConfig, size: int, batch: int, seed: int, rank: int, world: int,
                  device: torch.device, labels: bool = False):
-        self.dataset = _AugmentedImages(items, size, data.crop_scale, data.hflip, seed)
+        key_view = "same" if labels else data.key_view
+        augment = Augmentation(size, data.crop_scale, data.hflip, key_view, data.key_shift)
+        self.dataset = _AugmentedImages(items, augment, seed)
         self.batch, self.workers = batch, data.workers
         self.rank, self.world, self.device = rank, world, torch.device(device)
         self.seed = seed
@@ -113,15 +224,17 @@ class TorchLoader:
         return perm.view(self.steps_per_epoch, self.world, self.batch)[:, self.rank].reshape(-1).tolist()
 
     def epoch(self, epoch: int, start_step: int = 0, stop_step: int | None = None) -> Iterator:
-        """Batches ``[B, 3, S, S]`` (float, normalised; with labels ``[B]``) of ``epoch``, ``start_step`` to ``stop_step``."""
+        """Batches ``[B, 3, S, S]`` (float, normalised; :class:`Views` of two unless ``data.key_view`` is
+        ``same``; with labels ``[B]``) of ``epoch``, ``start_step`` to ``stop_step``."""
         stop = stop_step or self.steps_per_epoch
         keys = [(epoch, i) for i in self._indices(epoch)[start_step * self.batch : stop * self.batch]]
         loader = DataLoader(
             self.dataset, batch_size=self.batch, sampler=keys, num_workers=self.workers,
             pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
         )
-        for images, labels in loader:
-            images = normalize(images.to(self.device, non_blocking=True), self.stats)
+        for *views, labels in loader:
+            views = [normalize(v.to(self.device, non_blocking=True), self.stats) for v in views]  # [B, 3, S, S] each
+            images = Views(*views) if len(views) == 2 else views[0]
             yield (images, labels.to(self.device)) if self.labels else images
 
     def state_dict(self) -> dict:
