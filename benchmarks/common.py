@@ -73,7 +73,8 @@ def environment(device: torch.device) -> dict:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": _commit(),
         "python": platform.python_version(),
-        "versions": {d: _version(d) for d in ("torch", "triton", "deepspeed", "nvidia-dali-cuda120", "xformers")},
+        "versions": {d: _version(d) for d in ("torch", "triton", "deepspeed", "nvidia-dali-cuda120", "nvidia-dali-cuda130",
+                                                     "xformers")},
     }
 
 

@@ -3,14 +3,17 @@
     python benchmarks/throughput.py --config configs/vit_b16_symmim.yaml --batch 64 --json out.json
     python benchmarks/throughput.py --quick            # tiny shapes on CPU: checks the script
 
-Four runs side by side, each the real training step (``core/pretrain_step.py``, DeepSpeed engine):
-``symmim`` and ``random75`` (MAE: random 75% mask, no contrastive branch), each in the
-``optimized`` system (the config's kernels, ``auto`` as ``kernels/dispatch.py`` resolves it, and its
-step: the fast step in the presets; DALI or device-resident input) and the ``reference`` one
-(torch backend for every op, eager attention, PyTorch loader, DeepSpeed's own bf16 engine).
+Runs side by side (``--runs``, default all four), each the real training step
+(``core/pretrain_step.py``, DeepSpeed engine): ``symmim`` and ``random75`` (MAE: random 75% mask, no
+contrastive branch), each in the ``optimized`` system (the config's kernels, ``auto`` as
+``kernels/dispatch.py`` resolves it, and its step: the fast step in the presets; DALI or
+device-resident input) and the ``reference`` one (torch backend for every op, eager attention,
+PyTorch loader, DeepSpeed's own bf16 engine). An optimized run that fails is recorded and run again
+on torch's ops and SDPA (``fallback`` in its row), so one broken kernel does not lose the figure.
 Reports img/s, the time split (data, momentum forward, forward, backward, optimizer, EMA),
 analytic FLOPs per image and MFU, peak memory, the projected epoch time, and a profile of each
-run: its top ops by device time and how busy the device was (what to fix when a target is missed).
+run: its top ops by device time, how busy the device was and how many kernels it launched per
+step (what to fix when a target is missed).
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ SYSTEMS = {
     "reference": ["kernels.backend=torch", "kernels.attention=torch", "data.loader=torch",
                   "train.fast_step=false"],
 }
+FALLBACK = ["kernels.backend=torch", "kernels.attention=sdpa"]  # a failed optimized run, again without our kernels
+RUNS = [f"{variant}/{system}" for system in SYSTEMS for variant in VARIANTS]
 PHASES = ("data", "momentum_forward", "forward", "backward", "optimizer", "ema")
 IMAGENET_TRAIN = 1_281_167
 
@@ -58,8 +63,9 @@ def _batches(cfg, dist, synthetic: bool):
 
 def top_ops(tr, batches, device: torch.device, steps: int, step_ms: float, top: int = 10) -> dict:
     """Where the time goes over ``steps`` profiled steps: the ops with most host time and, on a
-    GPU, the kernels with most device time and how busy the device was against an unprofiled
-    step's wall time (below 1: the host, launching and syncing, is the limit)."""
+    GPU, the kernels with most device time, how many the device ran per step (kernels, copies,
+    memsets: the launches) and how busy it was against an unprofiled step's wall time (below 1:
+    the host, launching and syncing, is the limit)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -79,9 +85,12 @@ def top_ops(tr, batches, device: torch.device, steps: int, step_ms: float, top: 
 
     host_ops, _ = table(DeviceType.CPU, "self_cpu_time_total")
     if not cuda:
-        return {"ops": host_ops, "host_ops": host_ops, "busy_ms_per_step": None, "device_busy_frac": None}
+        return {"ops": host_ops, "host_ops": host_ops, "busy_ms_per_step": None, "device_busy_frac": None,
+                "launches_per_step": None}
     kernels, busy_ms = table(DeviceType.CUDA, "self_device_time_total")  # kernels only: their ops would count twice
-    return {"ops": kernels, "host_ops": host_ops, "busy_ms_per_step": busy_ms, "device_busy_frac": busy_ms / step_ms}
+    launches = sum(e.count for e in averages if e.device_type == DeviceType.CUDA) / steps
+    return {"ops": kernels, "host_ops": host_ops, "busy_ms_per_step": busy_ms, "device_busy_frac": busy_ms / step_ms,
+            "launches_per_step": launches}
 
 
 def measure(cfg, dist, steps: int, warmup: int, synthetic: bool, profile_steps: int) -> dict:
@@ -134,48 +143,59 @@ def main() -> int:
     p.add_argument("--batch", type=int, help="micro batch (default: the preset's)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--input", choices=["synthetic", "data"], default="synthetic", help="device-resident batches or the data loader")
+    p.add_argument("--input", choices=["synthetic", "data", "photos"], default="synthetic",
+                   help="device-resident batches, the config's data loader, or that loader on --photos generated "
+                        "photo-like JPEGs (benchmarks/dataloader.py's, ImageNet-sized)")
+    p.add_argument("--photos", type=int, default=4096, help="with --input photos: how many (generated once, cached)")
     p.add_argument("--dataset-size", type=int, default=IMAGENET_TRAIN, help="images per epoch for the projection")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of: " + ", ".join(SYSTEMS))
+    p.add_argument("--runs", default=",".join(RUNS), help="comma-separated VARIANT/SYSTEM runs, in order, of: " + ", ".join(RUNS))
     p.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler for the top-ops table (0: none)")
-    p.add_argument("--quick", action="store_true", help="tiny_cpu shapes, 2 steps: checks the script on CPU")
+    p.add_argument("--quick", action="store_true", help="tiny_cpu shapes, 2 steps, 16 photos: checks the script on CPU")
     args = p.parse_args()
-    systems = args.systems.split(",")
-    if not set(systems) <= set(SYSTEMS):
-        p.error(f"--systems {args.systems}: choose from {', '.join(SYSTEMS)}")
+    runs = args.runs.split(",")
+    if not set(runs) <= set(RUNS):
+        p.error(f"--runs {args.runs}: choose from {', '.join(RUNS)}")
     device = pick_device(args.device)
     overrides = [f"train.device={device.type}", *args.set]
     if args.quick:
-        args.config, args.steps, args.warmup, args.batch = "tiny_cpu", 2, 1, args.batch or 8
+        args.config, args.steps, args.warmup, args.batch, args.photos = "tiny_cpu", 2, 1, args.batch or 8, 16
         overrides += ["train.precision=fp32"]
     if args.batch:
         overrides.append(f"train.batch_size={args.batch}")
+    if args.input == "photos":
+        from symmim.benchmarks.dataloader import ensure_photos
+
+        overrides.append(f"data.root={ensure_photos(load_config(args.config, overrides).data.cache_dir, args.photos)}")
     dist = init_distributed(device.type)
     env = environment(dist.device)
     peak = peak_flops(env["device"])
     rows, failed = [], []
-    for system in systems:
-        sys_sets = SYSTEMS[system]
-        for variant, var_sets in VARIANTS.items():
+    for run in runs:
+        variant, system = run.split("/")
+        for fallback in (False, True):  # the second pass only after a failure of our kernels
             save_partial(args.json, {"benchmark": "throughput", "env": env, "rows": rows, "failed": failed})
-            cfg = load_config(args.config, overrides + var_sets + sys_sets)
-            print(f"[{variant} / {system}] {cfg.model.size} {cfg.model.img_size}px batch {cfg.train.batch_size} "
+            cfg = load_config(args.config, overrides + VARIANTS[variant] + SYSTEMS[system] + (FALLBACK if fallback else []))
+            label = f"{variant} / {system}" + (" on torch ops and SDPA (fallback)" if fallback else "")
+            print(f"[{label}] {cfg.model.size} {cfg.model.img_size}px batch {cfg.train.batch_size} "
                   f"{cfg.train.precision}, {args.input} input ...", flush=True)
             try:
                 row = measure(cfg, dist, args.steps, args.warmup, args.input == "synthetic", args.profile_steps)
             except Exception as err:  # noqa: BLE001 - recorded; the other runs still go, exit code 1
                 error = error_line(err)
-                print(f"FAILED {variant} / {system}: {error}", file=sys.stderr)
-                failed.append({"variant": variant, "system": system, "error": error})
+                print(f"FAILED {label}: {error}", file=sys.stderr)
+                failed.append({"variant": variant, "system": system, "fallback": fallback, "error": error})
                 gc.collect()
-                continue
-            row = {"variant": variant, "system": system, **row}
+                if system == "optimized" and not fallback and (cfg.kernels.backend, cfg.kernels.attention) != ("torch", "sdpa"):
+                    continue  # the same run again, without our kernels
+                break
+            row = {"variant": variant, "system": system, "fallback": fallback, **row}
             row["tflops"] = row["gflop_per_img"] * row["img_per_s"] / 1e3
             row["mfu"] = row["tflops"] * 1e12 / peak if peak else None
             row["epoch_h"] = args.dataset_size / row["img_per_s"] / 3600
             rows.append(row)
             for op in row.get("profile", {}).get("ops", [])[:6]:
                 print(f"    {op['ms_per_step']:8.2f} ms/step {100 * op['share']:5.1f}%  x{op['calls_per_step']:g}  {op['name']}")
+            break
     by = {(r["variant"], r["system"]): r for r in rows}
 
     def ratio(num: tuple[str, str], den: tuple[str, str], key: str) -> float | None:
@@ -193,18 +213,20 @@ def main() -> int:
         "symmim_mfu_at_least_45pct": None if mfu is None else mfu >= 0.45,
     }
     table = [{**r, **{f"{k}%": round(100 * v, 1) for k, v in r["split"].items()},
-              "busy%": round(100 * r["profile"]["device_busy_frac"], 1) if r.get("profile", {}).get("device_busy_frac") else None}
+              "busy%": round(100 * r["profile"]["device_busy_frac"], 1) if r.get("profile", {}).get("device_busy_frac") else None,
+              "launches": r.get("profile", {}).get("launches_per_step")}
              for r in rows]
     print_table(f"training-step throughput ({args.input} input, {Path(args.config).name})", env, table,
                 ["variant", "system", "img_per_s", "step_ms", "gflop_per_img", "tflops", "mfu", "epoch_h", "peak_mem_gib"]
-                + [f"{p}%" for p in PHASES] + ["busy%"])
+                + [f"{p}%" for p in PHASES] + ["busy%", "launches", "fallback"])
     for k, v in ratios.items():
         print(f"{k}: {'-' if v is None else f'{v:.2f}x'}")
     for k, v in targets.items():
         print(f"target {k}: {'met' if v else ('n/a' if v is None else 'MISSED')}")
     record = {"benchmark": "throughput", "env": env, "config": args.config, "overrides": overrides, "input": args.input,
               "steps": args.steps, "rows": rows, "failed": failed, "ratios": ratios, "targets": targets}
-    write_results(args.json, record, [(f"{r['variant']}/{r['system']}", r["img_per_s"]) for r in rows], "images / s")
+    write_results(args.json, record, [(f"{r['variant']}/{r['system']}" + (" (torch ops)" if r["fallback"] else ""),
+                                       r["img_per_s"]) for r in rows], "images / s")
     return 1 if failed else 0
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -85,62 +86,110 @@ def test_dataloader_quick(tmp_path, embedded_cache):
             assert row["dali_over_torch"] == pytest.approx(row["dali_img_s"] / row["torch_img_s"]), row
 
 
+CALL_FILES = {  # what each call of gpu_check.sh's plan leaves in $OUT (at most 8 files come back)
+    "call1": {"gpu_check.log", "headline.json", "headline.png"},
+    "call2": {"gpu_check.log", "kernels-bench.json", "kernels-bench.png", "measured.json"},
+    "call3": {"gpu_check.log", "gpu-tests.xml", "timm-export.xml"},
+    "call4": {"gpu_check.log", "dataloader-gpu.json", "dataloader-gpu.png", "throughput-data.json", "throughput-data.png"},
+}
+
+
+def _plain_env(**extra: str) -> dict:
+    """The environment of a plain shell: no Triton interpreter switched on by the test session."""
+    return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **extra}
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
-    """The GPU machine's script runs all its steps at tiny shapes on CPU and writes its files."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as from a plain shell
+    """The GPU machine's call plan runs at tiny shapes on CPU, each call as its own command, and each
+    leaves its files, at most 8, in its $OUT."""
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900, env={**env, "OUT": str(tmp_path)})
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "gpu_check: all steps passed" in proc.stdout
-    for name in ("gpu_check.log", "gpu_kernels.json", "gpu_kernels.png", "gpu_throughput.json", "gpu_throughput.png",
-                 "gpu_throughput_h200.json", "gpu_throughput_compiled.json", "gpu_throughput_zero2.json",
-                 "gpu_throughput_triton_all.json", "measured.json", "gpu_dataloader.json", "gpu_dataloader_cpu16.json",
-                 "gpu_throughput_data.json"):
-        assert (tmp_path / name).stat().st_size > 0, name
-    record = json.loads((tmp_path / "gpu_throughput.json").read_text())
-    assert {(r["variant"], r["system"]) for r in record["rows"]} == {
-        (v, s) for v in ("symmim", "random75") for s in ("optimized", "reference")}
-    assert "partial" not in record and not record["failed"]
+                          timeout=900, env=_plain_env(OUT=str(tmp_path)))
+    assert proc.returncode == 0 and "gpu_check dry run: every call passed" in proc.stdout, proc.stdout[-6000:]
+    for call, names in CALL_FILES.items():
+        files = {p.name for p in (tmp_path / call).rglob("*") if p.is_file()}
+        assert files == names and len(files) <= 8, (call, files)
+        assert all((tmp_path / call / name).stat().st_size > 0 for name in names), call
+    record = json.loads((tmp_path / "call1/headline.json").read_text())
+    # the headline: SymMIM and random-75% on the fast step, the reference MAE beside them
+    assert [(r["variant"], r["system"]) for r in record["rows"]] == [
+        ("symmim", "optimized"), ("random75", "optimized"), ("random75", "reference")]
+    assert "partial" not in record and not record["failed"] and not any(r["fallback"] for r in record["rows"])
     flops = {v: train_flops_per_image(load_config("tiny_cpu", sets)) / 1e9 for v, sets in
              (("symmim", []), ("random75", ["mask.strategy=random", "mask.ratio=0.75", "loss.con_weight=0"]))}
     for row in record["rows"]:
         assert row["img_per_s"] == pytest.approx(8 * 1e3 / row["step_ms"]), row  # --quick: batch 8
         assert row["gflop_per_img"] == pytest.approx(flops[row["variant"]]) and row["mfu"] is None, row  # CPU: no peak
         assert abs(sum(row["split"].values()) - 1) < 1e-6 and row["profile"]["ops"], row
-    assert record["ratios"]["symmim_vs_random75_flops"] == pytest.approx(flops["symmim"] / flops["random75"])
-    assert {r["backends"] for r in record["rows"]} == {"kernels: ops=torch attention=sdpa",
-                                                      "kernels: ops=torch attention=torch"}
-    assert {r["system"]: r["step"].split(",")[0] for r in record["rows"]} == {
-        "optimized": "step: fast", "reference": "step: DeepSpeed's fp32 engine (train.fast_step=false; a host sync per step)"}
-    triton = json.loads((tmp_path / "gpu_throughput_triton_all.json").read_text())
-    assert {r["system"] for r in triton["rows"]} == {"optimized"}
-    assert {r["backends"] for r in triton["rows"]} == {"kernels: ops=triton attention=sdpa"}  # dry run
+        assert row["profile"]["launches_per_step"] is None and row["peak_mem_gib"] is None, row  # GPU only
+    ratios = record["ratios"]
+    assert ratios["symmim_vs_random75_flops"] == pytest.approx(flops["symmim"] / flops["random75"])
+    assert ratios["symmim_opt_vs_random75_ref_epoch"] == pytest.approx(record["rows"][2]["epoch_h"] / record["rows"][0]["epoch_h"])
+    assert ratios["symmim_opt_vs_ref_speedup"] is None  # no SymMIM reference run in the headline
+    assert {r["system"]: (r["backends"], r["step"].split(",")[0]) for r in record["rows"]} == {
+        "optimized": ("kernels: ops=torch attention=sdpa", "step: fast"),
+        "reference": ("kernels: ops=torch attention=torch",
+                      "step: DeepSpeed's fp32 engine (train.fast_step=false; a host sync per step)")}
+    kernels = json.loads((tmp_path / "call2/kernels-bench.json").read_text())
+    assert kernels["rows"] and json.loads((tmp_path / "call2/measured.json").read_text())[kernels["env"]["device"]]
+    data = json.loads((tmp_path / "call4/throughput-data.json").read_text())
+    assert data["input"] == "photos" and [(r["variant"], r["system"]) for r in data["rows"]] == [("symmim", "optimized")]
+    assert any(s.startswith("data.root=") and "photos-v1" in s for s in data["overrides"]), data["overrides"]
 
 
-def test_throughput_records_a_failed_run_and_measures_the_others(tmp_path):
-    """xformers is not installed: the optimized runs fail to build and are recorded as failed; the
-    reference runs (eager attention) are still measured; exit code 1; ratios that need a failed run are None."""
+def test_gpu_check_prints_its_call_plan():
+    """Without arguments, here: the four device calls, each with its carry, its size and its command."""
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = [line for line in proc.stdout.splitlines() if "bash benchmarks/gpu_check.sh call" in line]
+    assert len(calls) == 4 and all('carry=[".whl"' in c and "MiB" in c and "timeout_s=" in c for c in calls), calls
+    assert [c.split("gpu_check.sh ")[1].split()[0] for c in calls] == list(CALL_FILES)
+
+
+@pytest.mark.slow
+def test_a_gpu_check_command_returns_at_most_8_files(tmp_path):
+    """Past 8 files in $OUT, all but the log and the JSONs go into one archive, so that all comes back."""
+    for i in range(9):
+        (tmp_path / f"extra{i}.png").write_bytes(b"x")
+    (tmp_path / "kept.json").write_text("{}")
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "gpu-tests"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=_plain_env(OUT=str(tmp_path)))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert {p.name for p in tmp_path.iterdir()} == {"gpu_check.log", "kept.json", "rest.tar.gz"}
+    with tarfile.open(tmp_path / "rest.tar.gz") as tar:
+        assert {Path(n).name for n in tar.getnames()} == {f"extra{i}.png" for i in range(9)} | {"gpu-tests.xml"}
+
+
+def test_throughput_runs_a_failed_optimized_run_again_without_our_kernels(tmp_path):
+    """xformers is not installed: the optimized runs fail to build, are recorded as failed, and run again
+    on torch ops and SDPA (marked as fallbacks); the reference runs are measured; exit code 1."""
     out = tmp_path / "t.json"
     proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--profile-steps", "0", "--json", str(out),
                            "--set", "kernels.attention=xformers"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads(out.read_text())
-    assert {(f["variant"], f["system"]) for f in record["failed"]} == {("symmim", "optimized"), ("random75", "optimized")}
+    assert [(f["variant"], f["system"], f["fallback"]) for f in record["failed"]] == [
+        ("symmim", "optimized", False), ("random75", "optimized", False)]
     assert all("xformers" in f["error"] for f in record["failed"])
-    assert {(r["variant"], r["system"]) for r in record["rows"]} == {("symmim", "reference"), ("random75", "reference")}
-    assert record["ratios"]["symmim_opt_vs_ref_speedup"] is None and record["targets"]["symmim_mfu_at_least_45pct"] is None
+    assert [(r["variant"], r["system"], r["fallback"], r["backends"]) for r in record["rows"]] == [
+        ("symmim", "optimized", True, "kernels: ops=torch attention=sdpa"),
+        ("random75", "optimized", True, "kernels: ops=torch attention=sdpa"),
+        ("symmim", "reference", False, "kernels: ops=torch attention=torch"),
+        ("random75", "reference", False, "kernels: ops=torch attention=torch")]
+    assert record["ratios"]["symmim_opt_vs_ref_speedup"] is not None
 
 
 def test_throughput_keeps_its_record_when_every_run_fails(tmp_path):
-    """Only the optimized system, and it cannot build: the table prints empty, the JSON names both failures."""
+    """The data root is missing: each optimized run fails, and so does its fallback; the table prints
+    empty and the JSON names all four failures."""
     out = tmp_path / "t.json"
-    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--systems", "optimized", "--json",
-                           str(out), "--set", "kernels.attention=xformers"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--runs", "symmim/optimized,random75/optimized",
+                           "--input", "data", "--set", f"data.root={tmp_path / 'missing'}", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads(out.read_text())
-    assert record["rows"] == [] and len(record["failed"]) == 2
+    assert record["rows"] == [] and [f["fallback"] for f in record["failed"]] == [False, True, False, True]
+    assert all("DataError" in f["error"] for f in record["failed"])
     assert all(v is None for v in record["ratios"].values())
 
 
