@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -82,6 +84,27 @@ def lost_peer(err: BaseException) -> bool:
     (that process's own log says why)."""
     return isinstance(err, dist.DistError) or (
         isinstance(err, RuntimeError) and any(s in str(err) for s in ("closed by peer", "reset by peer")))  # gloo
+
+
+T = TypeVar("T")
+
+
+def decided_by_rank0(decide: Callable[[], T]) -> T:
+    """``decide()`` run on rank 0 alone and its result, or the error it raised, given to every rank:
+    one decision for the whole job where each rank's own view (of a network filesystem) could differ."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return decide()
+    outcome: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = (decide(), None)
+        except Exception as err:  # every rank raises it below
+            outcome[0] = (None, err)
+    dist.broadcast_object_list(outcome, src=0)
+    result, err = outcome[0]
+    if err is not None:
+        raise err
+    return result
 
 
 @torch.no_grad()

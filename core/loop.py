@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from symmim.core.checkpoint import load_checkpoint, save_checkpoint
+from symmim.core.checkpoint import load_checkpoint, save_checkpoint, step_tag
 from symmim.core.config import LogConfig, TrainConfig
 from symmim.core.distributed import DistInfo, mean_across_ranks
 from symmim.core.flops import peak_flops
@@ -156,6 +156,7 @@ class TrainLoop:
         self.flops_per_image = flops_per_image
         self.peak_flops = peak_flops(torch.cuda.get_device_name(dist.device)) if cuda else None  # for the MFU field
         self.pos = Position()
+        self.saved_step: int | None = None  # the step of this run's newest checkpoint
         self.last_eval: dict[str, float] | None = None
         self.stop = StopSignals()
 
@@ -225,7 +226,6 @@ class TrainLoop:
                     return True
             if self.train.ckpt_every_steps and pos.step % self.train.ckpt_every_steps == 0 and not last:
                 self._checkpoint()
-                self.last_ckpt_time = time.perf_counter()
             if last:
                 break
         return False
@@ -243,7 +243,6 @@ class TrainLoop:
         if self.epoch_end:
             self.epoch_end(pos)
         self._checkpoint()
-        self.last_ckpt_time = time.perf_counter()
 
     # ---- logging, evaluation ----
 
@@ -318,13 +317,19 @@ class TrainLoop:
             return True
         if ckpt_due and not last:
             self._checkpoint()
-            self.last_ckpt_time = time.perf_counter()
         return False
 
     # ---- checkpoints ----
 
     def _checkpoint(self, directory: Path | None = None) -> Path:
-        """Save the engine, the trainer's and loader's state and the position (every rank)."""
+        """Save the engine, the trainer's and loader's state and the position (every rank) into the
+        run's checkpoints, once per step (an epoch's end on a periodic step, a stop right after a
+        save or at the step just resumed keep the tag they have), or into ``directory``."""
+        if directory is None:
+            self.last_ckpt_time = time.perf_counter()
+            if self.saved_step == self.pos.step:
+                return self.run_dir / "checkpoints" / step_tag(self.pos.step)
+            self.saved_step = self.pos.step
         self.pos.images = self.pos.micro * self.train.batch_size * self.dist.world
         shared = {"position": vars(self.pos).copy(), **self.trainer.state_dict()}
         own = {**self.trainer.rank_state_dict(), "loader": self.loader.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -336,14 +341,20 @@ class TrainLoop:
         return path
 
     def _restore(self, tag_dir: Path) -> None:
-        """Continue from ``tag_dir``; metrics a crashed session logged after it are dropped.
+        """Continue from ``tag_dir``; metrics a crashed session logged after it are dropped. The
+        optimizer's settings other than the lr (weight decay, betas, ...) are this run's config's.
 
         Written by another number of processes (ZeRO-0 only), the position carries over in
         images: this run continues the epoch at the same image count, its random streams (torch,
         masks) derived anew from the step and rank, its data order as the loader can resume it.
         """
+        optimizer = self.trainer.engine.optimizer
+        configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
         shared, own = load_checkpoint(self.trainer.engine, tag_dir)
+        for group, settings in zip(optimizer.param_groups, configured, strict=True):
+            group.update(settings)  # this run's config (weight decay, betas, ...), not the checkpoint's
         self.pos = Position(**shared["position"])
+        self.saved_step = self.pos.step
         if self.dist.is_main:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.pos.step)
         self.trainer.load_state_dict(shared, own)

@@ -2,14 +2,27 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+log = logging.getLogger("symmim")
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past ``step``: a crashed session may have logged steps it never saved."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(lines))
+    """Drop records past ``step``, which a crashed session may have logged without saving them, and
+    a line it left half-written."""
+    if not path.is_file():
+        return
+    kept = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            log.warning("%s: dropping line %d, cut short by a crash: %.80s", path, number, line)
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    path.write_text("".join(kept))
 
 
 class MetricsLog:

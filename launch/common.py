@@ -5,6 +5,8 @@ import argparse
 import faulthandler
 import logging
 import os
+import secrets
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,9 +15,9 @@ from typing import NoReturn
 import torch.distributed
 import yaml
 
-from symmim.core.checkpoint import CheckpointError, read_manifest, resumable_tag
+from symmim.core.checkpoint import CheckpointError, needs_conversion, read_manifest, resumable_tag, universal_copy
 from symmim.core.config import Config, ConfigError, load_config, save_config
-from symmim.core.distributed import DistInfo, init_distributed, lost_peer
+from symmim.core.distributed import DistInfo, all_gather, decided_by_rank0, init_distributed, lost_peer
 from symmim.core.loop import TrainingError
 from symmim.core.pretrained import WeightsError
 from symmim.core.schedules import Schedule
@@ -51,7 +53,8 @@ def run_parser(description: str, example_config: str) -> argparse.ArgumentParser
 
 
 class RunFolder:
-    """A run's folder: one run per folder, and nothing written into it before the launch is accepted.
+    """A run's folder: one run per folder, one folder that every rank sees, and nothing written into
+    it before the launch is accepted.
 
     A new run into a folder that holds one is refused (``--resume`` continues it, a fresh
     ``--output-dir`` starts another); the launcher checks everything else it can (data, the
@@ -68,20 +71,51 @@ class RunFolder:
                                  "or start this one in a new --output-dir")
         self.previous = load_config(path / "config.yaml") if resume and (path / "config.yaml").is_file() else None
 
+    def check_shared(self, dist_info: DistInfo) -> None:
+        """Refuse a job whose ranks do not all see the folder rank 0 sees: rank 0 leaves a token file
+        in it, every rank looks for it after a barrier, and rank 0 removes it (and the folder, if it
+        made it) again."""
+        if dist_info.world == 1:
+            return
+        token = decided_by_rank0(lambda: f".rank0-token-{secrets.token_hex(8)}")
+        made = None  # the outermost folder rank 0 makes for the check, removed after it
+        if dist_info.is_main:
+            made = next((p for p in [*reversed(self.path.parents), self.path] if not p.exists()), None)
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / token).touch()
+        torch.distributed.barrier()
+        sees = torch.tensor([float((self.path / token).is_file())], device=dist_info.device)
+        seen = all_gather(sees)  # [world]
+        torch.distributed.barrier()
+        if dist_info.is_main:
+            (self.path / token).unlink()
+            if made is not None:
+                shutil.rmtree(made)
+        blind = [r for r, s in enumerate(seen.tolist()) if not s]
+        if blind:
+            raise RunFolderError(
+                f"rank(s) {', '.join(map(str, blind))} do not see the run folder {self.path} that rank 0 writes: every "
+                "node must see one run folder, at the same path on a filesystem they share (NFS, Lustre, ...)")
+
     def resumable(self, arch: dict, cfg: Config, world: int) -> Path | None:
-        """The checkpoint tag to continue from (None: start from scratch), checked against ``arch``, the
-        ZeRO stage and the world size before any engine is built. On another number of processes
-        (ZeRO-0) ``train.grad_accum`` adapts so that the global batch stays what it was."""
+        """The checkpoint tag to continue from (None: start from scratch), decided by rank 0 for every
+        rank, checked against ``arch``, the ZeRO stage and the world size before any engine is built,
+        and converted for another ZeRO layout where needed (``checkpoints/universal/<tag>``). On another
+        number of processes ``train.grad_accum`` adapts so that the global batch stays what it was."""
         if not self.resume:
             return None
-        tag = resumable_tag(self.path / "checkpoints", arch, world, cfg.ds.zero_stage)
+
+        def decide() -> tuple[Path | None, dict | None]:
+            tag = resumable_tag(self.path / "checkpoints", arch, world, cfg.ds.zero_stage)
+            return tag, (read_manifest(tag) if tag else None)
+
+        tag, manifest = decided_by_rank0(decide)
         if tag is None:
             log.info("--resume: no checkpoint in %s, starting from scratch", self.path / "checkpoints")
             return None
-        manifest = read_manifest(tag)
         if manifest["world_size"] != world:
             keep_global_batch(cfg, manifest["layout"], manifest["world_size"], world)
-        return tag
+        return universal_copy(tag) if needs_conversion(manifest, world, cfg.ds.zero_stage) else tag
 
     def accept(self, cfg: Config, dist_info: DistInfo) -> None:
         """The launch is valid: create the folder and write the resolved ``config.yaml`` (rank 0)."""

@@ -73,6 +73,7 @@ def train(cfg: Config, folder: RunFolder, weights: str | None, dist: DistInfo, l
     loader = TorchLoader(train_items, cfg.data, cfg.model.img_size, t.batch_size, t.seed, dist.rank, dist.world,
                          dist.device, labels=True)
     arch = {**dataclasses.asdict(cfg.model), "task": task, "num_classes": num_classes, "pool": cfg.eval.pool}
+    folder.check_shared(dist)
     resume_from = folder.resumable(arch, cfg, dist.world)
     folder.accept(cfg, dist)
     torch.manual_seed(t.seed + dist.rank)

@@ -27,7 +27,6 @@ from symmim.core.masking import MaskGenerator
 from symmim.core.pretrain_step import Training, architecture, build_training
 from symmim.core.recon import ReconPictures
 from symmim.core.schedules import Schedule
-from symmim.core.universal import needs_conversion, universal_copy
 from symmim.data.loader import build_train_loader, data_root
 from symmim.data.torch_loader import load_eval_images
 from symmim.launch.common import RunFolder, explain_resume, launch, run_parser
@@ -60,10 +59,9 @@ def train(cfg: Config, folder: RunFolder, dist: DistInfo) -> None:
     t = cfg.train
     # The data set and the checkpoint to resume are checked before anything is written or built.
     loader = build_train_loader(cfg.data, cfg.model.img_size, t.batch_size, t.seed, dist.rank, dist.world, dist.device)
+    folder.check_shared(dist)
     resume_from = folder.resumable(architecture(cfg), cfg, dist.world)
     folder.accept(cfg, dist)
-    if resume_from is not None and needs_conversion(resume_from, dist.world, cfg.ds.zero_stage):
-        resume_from = universal_copy(resume_from)
     torch.manual_seed(t.seed + dist.rank)
     tr = build_training(cfg, dist)
     log.info("device %s, %d process(es); %s; precision %s; %s", dist.device, dist.world, tr.backends.describe(),

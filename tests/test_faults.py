@@ -6,6 +6,7 @@ ranks matter) on the embedded data set or on a damaged copy of it that the test 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -104,6 +105,33 @@ def _copy(finished_run, tmp_path) -> Path:
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run[0], run_dir)
     return run_dir
+
+
+def test_an_epoch_ending_on_a_periodic_step_saves_that_step_once(embedded_cache, tmp_path):
+    """8 steps an epoch, a checkpoint every 4, keep 1: step 8 is saved by the periodic rule and not
+    again at the epoch's end (a second save would first delete the only complete tag)."""
+    run_dir = tmp_path / "run"
+    proc = run([sys.executable, PRETRAIN, *quiet(embedded_cache, "train.batch_size=250", "train.max_steps=9", "model.img_size=32",
+                                                 "train.ckpt_every_steps=4", "train.keep_checkpoints=1",
+                                                 "log.every_steps=1", "log.recon_images=0", "eval.knn_every_epochs=0"),
+                "--output-dir", str(run_dir)])
+    saves = re.findall(r"checkpoint saved: \S+/(step\d+)", proc.stderr)
+    assert saves == ["step00000004", "step00000008", "step00000009"], saves
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == ["step00000009"]
+
+
+def test_a_run_folder_copied_without_its_times_resumes_its_newest_checkpoint(finished_run, tmp_path):
+    """``cp -r`` sets every file's time to the copy's; here step 8's files even come out older than
+    step 4's. The resume still takes step 8, and no save replaces it."""
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(finished_run[0]), str(run_dir)], check=True)
+    step8 = run_dir / "checkpoints" / "step00000008"
+    for path in [step8, *step8.iterdir()]:
+        os.utime(path, (1_000_000, 1_000_000))
+    proc = run([sys.executable, PRETRAIN, *finished_run[1], "--output-dir", str(run_dir), "--resume"])
+    assert f"resumed from {step8}" in proc.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == ["step00000004", "step00000008"]
+    assert os.stat(step8 / "manifest.json").st_mtime == 1_000_000
 
 
 @pytest.mark.parametrize("damage", ["truncated", "no-manifest"])

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from pretrain_runs import PRETRAIN, ROOT, clean_env, metrics, quiet, run
 
@@ -118,6 +119,43 @@ def test_a_resume_says_what_it_changes(finished, tmp_path):
     assert "schedules are re-planned: 6 steps (were 4)" in proc.stderr
     assert yaml.safe_load((copy / "config.yaml").read_text())["train"]["max_steps"] == 6  # accepted: written
     assert [r["step"] for r in metrics(copy) if "loss" in r][-1] == 6
+
+
+def test_a_resume_takes_the_optimizer_settings_of_its_config(finished, tmp_path):
+    """Weight decay and betas changed at a resume are what the optimizer then uses (the checkpoint's
+    groups carried the old ones); the moments stay the checkpoint's."""
+    run_dir, args, _ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    probe = tmp_path / "restored.pt"
+    env = {**clean_env(), "SYMMIM_RESTORE_PROBE": str(probe)}
+    subprocess.run([sys.executable, str(ROOT / "tests" / "restore_probe.py"), *args, "--set", "optim.weight_decay=0.2",
+                    "--set", "optim.betas=[0.8,0.9]", "--output-dir", str(copy), "--resume"],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    groups = torch.load(probe, weights_only=False)["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.2, 0.0]
+    assert all(tuple(g["betas"]) == (0.8, 0.9) for g in groups)
+
+
+def test_a_refused_conversion_leaves_config_yaml_as_it_was(finished, tmp_path):
+    """A ZeRO-0 tag saved before the parameter names were recorded cannot move to ZeRO-2: refused
+    before config.yaml is rewritten or anything is converted."""
+    run_dir, args, _ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    for tag in (copy / "checkpoints").glob("step*"):
+        states_file = tag / "mp_rank_00_model_states.pt"
+        states = torch.load(states_file, weights_only=False)
+        del states["param_names"]
+        torch.save(states, states_file)
+        manifest = json.loads((tag / "manifest.json").read_text())
+        manifest["files"]["mp_rank_00_model_states.pt"] = states_file.stat().st_size
+        (tag / "manifest.json").write_text(json.dumps(manifest))
+    before = snapshot(copy)
+    proc = run([sys.executable, PRETRAIN, *args, "--set", "ds.zero_stage=2", "--output-dir", str(copy), "--resume"],
+               expect=2)
+    assert "predates the parameter names a conversion to ZeRO 1-2 needs" in proc.stderr
+    assert snapshot(copy) == before
 
 
 def test_print_config_prints_every_key_and_writes_nothing(tmp_path):
