@@ -16,13 +16,16 @@ def fast_step(cfg: Config) -> bool:
 
 def deepspeed_config(cfg: Config, fast: bool = False) -> dict:
     """The DeepSpeed engine config generated from ``train``, ``optim.clip_grad`` and ``ds``, with
-    ``ds.extra`` merged on top. ``fast``: an fp32 engine that neither clips nor casts (the model
-    runs under autocast and :class:`~symmim.core.optim.ClippedAdamW` clips)."""
+    ``ds.extra`` merged on top. ``fast``: an fp32 engine that does not cast (the module holds bf16
+    weights itself, or runs under autocast). Clipping is by the global norm of all gradients: under
+    ZeRO 1-3 DeepSpeed's ZeRO optimizer clips (it computes that norm over every parameter group and
+    rank, and calls the optimizer group by group); on the fast step under ZeRO-0
+    :class:`~symmim.core.optim.FusedAdamW` clips, on the device."""
     t = cfg.train
     ds = {
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": 0.0 if fast else cfg.optim.clip_grad,
+        "gradient_clipping": 0.0 if fast and cfg.ds.zero_stage == 0 else cfg.optim.clip_grad,
         "bf16": {"enabled": t.precision == "bf16" and not fast},
         "fp16": {"enabled": t.precision == "fp16" and not fast, "loss_scale": 0, "initial_scale_power": 16},
         "zero_optimization": {"stage": cfg.ds.zero_stage},

@@ -1,5 +1,5 @@
-"""FusedAdamW, the fast step's optimizer: torch's AdamW and clipping as reference, fp32 masters for
-bf16 weights, a non-finite step skipped on the device, and no host sync."""
+"""FusedAdamW, the fast step's optimizer: torch's AdamW and clipping as reference, fp32 masters and
+fp32 gradient sums for bf16 weights, a non-finite step skipped on the device, and no host sync."""
 from __future__ import annotations
 
 import pytest
@@ -68,6 +68,38 @@ def test_bf16_weights_step_fp32_masters():
     for p, q in zip(module, ref):
         torch.testing.assert_close(masters[id(p)], q, rtol=1e-6, atol=1e-7)
         assert p.dtype == torch.bfloat16 and torch.equal(p, masters[id(p)].to(torch.bfloat16))
+
+
+def test_micro_batches_of_bf16_gradients_are_summed_in_fp32():
+    """Eight micro-batches of bf16 gradients, handed over as autograd does (a fresh ``.grad``, then
+    ``accumulate()``): the masters' gradient is their fp32 sum, where autograd's own accumulation
+    into a bf16 ``.grad`` is off by about 1e-3. A step ends the round: the next sum starts afresh."""
+    ps = params(6, torch.bfloat16)
+    opt = FusedAdamW(groups(ps), betas=BETAS, clip=0.0)
+    micro = [grads(ps, step) for step in range(9)]
+    for gs in micro[:8]:
+        for p, g in zip(ps, gs):
+            p.grad = g
+        opt.accumulate()
+        assert all(p.grad is None for p in ps)  # autograd hands over a fresh tensor next time
+    masters = opt.master_of()
+    for i, p in enumerate(ps):
+        exact = sum(gs[i].double() for gs in micro[:8])
+        in_bf16 = sum(gs[i] for gs in micro[:8])  # bf16 additions, as into a bf16 .grad
+        assert masters[id(p)].grad.dtype == torch.float32
+        assert (masters[id(p)].grad - exact).norm() <= 1e-7 * exact.norm()
+        assert (in_bf16.double() - exact).norm() >= 1e-4 * exact.norm()
+    opt.step()
+    for p, g in zip(ps, micro[8]):
+        p.grad = g
+    opt.accumulate()
+    assert all(torch.equal(masters[id(p)].grad, g.float()) for p, g in zip(ps, micro[8]))
+
+
+def test_under_zero_deepspeed_clips():
+    """ZeRO 1-3 hand one parameter group at a time to the optimizer: a clip there would be per group."""
+    with pytest.raises(ValueError, match="DeepSpeed clips"):
+        FusedAdamW(groups(params(4)), betas=BETAS, clip=1.0, reduce="partitioned")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
