@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -52,11 +54,17 @@ class PhaseTimer:
 class Training:
     """The pre-training objects of one rank and the step that drives them.
 
-    ``fast`` (``train.fast_step``): a :class:`~symmim.core.optim.FusedAdamW` clips and skips
-    non-finite steps on the device; under ZeRO-0 the weights are in ``dtype`` with its fp32
-    masters, under ZeRO 1-3 they stay fp32 and the forward runs under autocast (``autocast``);
-    the ZeRO-0 step dispatches no host sync. Otherwise DeepSpeed's bf16/fp16 engine runs the
-    weights in ``dtype`` and a host sync decides each non-finite skip before backward.
+    ``fast`` (``train.fast_step``): a :class:`~symmim.core.optim.FusedAdamW` steps; under ZeRO-0
+    the weights are in ``dtype`` with its fp32 masters and fp32 gradient sums, and it clips and
+    skips non-finite steps on the device (no host sync); under ZeRO 1-3 they stay fp32, the
+    forward runs under autocast (``autocast``), and DeepSpeed's ZeRO optimizer clips and checks
+    for overflow (one host sync). Otherwise DeepSpeed's bf16/fp16 engine runs the weights in
+    ``dtype`` and a host sync per micro-batch tells every rank whether the loss is finite.
+
+    Every path counts alike: each accumulation round (``train.grad_accum`` micro-batches) ends in
+    one step of the schedules. A non-finite loss on any rank, or a non-finite gradient, skips the
+    round's update as a whole (weights, moments, EMA branch and BatchNorm statistics stay as they
+    were), and the round still counts as a step.
     """
 
     dist: DistInfo
@@ -70,30 +78,32 @@ class Training:
     zero_stage: int
     fast: bool
     autocast: bool  # the forward under autocast to ``dtype`` (fast step on fp32 weights, ZeRO 1-3)
+    round_nonfinite: bool = dataclasses.field(default=False, init=False)  # DeepSpeed's engine: a non-finite loss this round
     loss_names: ClassVar[tuple[str, ...]] = ("loss", "loss_mim", "loss_con")
 
     def step(self, images: Tensor, lr: float, ema_momentum: float, timer: PhaseTimer | None = None) -> dict:
         """One micro-batch ``[B, 3, S, S]``: :meth:`forward_backward`, then :meth:`optimizer_step`.
 
-        Returns the loss tensors, ``stepped`` (an accumulation round ended: the optimizer stepped or
-        skipped) and ``skipped``: a 0-dim tensor, 1 when the update was skipped for a non-finite
-        loss (on any rank), or None mid-accumulation on the fast step (decided at the round's end).
+        Returns the loss tensors, ``stepped`` (this micro-batch ended an accumulation round: the
+        update was made or skipped, and the step counts either way) and, at a round's end, 0-dim
+        tensors on the device (None mid-round): ``skipped``, 1 when the round's update was skipped
+        for a non-finite loss or gradient on any rank, and ``grad_norm``, the global norm of the
+        round's gradient (whole model, every rank) before clipping; ``grad_norm`` is None on
+        DeepSpeed's fp32 ZeRO-0 engine (``train.fast_step=false`` in fp32), which keeps none.
         """
         out = self.forward_backward(images, timer)
-        if out.pop("backward"):
-            out["stepped"], skipped = self.optimizer_step(lr, ema_momentum, timer)
-            if self.fast:
-                out["skipped"] = skipped
+        out["stepped"], out["skipped"] = self.optimizer_step(lr, ema_momentum, timer)
+        out["grad_norm"] = self._grad_norm() if out["stepped"] else None
         return out
 
     def forward_backward(self, images: Tensor, timer: PhaseTimer | None = None) -> dict:
-        """Masks, momentum keys (gathered from every rank), forward and backward of ``images`` ``[B, 3, S, S]``;
-        ``backward`` in the result says whether the backward ran.
+        """Masks, momentum keys (gathered from every rank), forward and backward of ``images`` ``[B, 3, S, S]``.
 
-        Fast step: the backward always runs; a non-finite loss makes the gradient norm non-finite
-        and the optimizer skips itself on the device. Otherwise a non-finite loss on any rank skips
-        the backward on every rank, decided by a host sync before it. After the backward that ends
-        an accumulation round the gradients are reduced across ranks.
+        Fast step: a non-finite loss gets a NaN gradient (its backward is scaled by NaN), so the
+        gradient norm is non-finite and the round's update is skipped where that norm is checked.
+        DeepSpeed's engine: a host sync tells every rank whether the loss is finite on all of them
+        (the round's update is then withheld at its end). After the backward that ends a round
+        DeepSpeed reduces the gradients (ZeRO 1-3); under ZeRO-0 the optimizer does, in its step.
         """
         mark = timer.mark if timer else (lambda phase: None)
         batch = images.shape[0]
@@ -103,41 +113,73 @@ class Training:
             mark("momentum_forward")
         with torch.autocast(self.dist.device.type, dtype=self.dtype, enabled=self.autocast):
             out = self.engine(images, self.masks.online(batch), keys, self.dist.rank * batch)
-        out["stepped"], out["skipped"], out["backward"] = False, None, True
-        if not self.fast:
-            out["backward"] = finite_on_every_rank(out["loss"])  # the host sync of the DeepSpeed-engine path
-            out["skipped"] = torch.tensor(0.0 if out["backward"] else 1.0, device=self.dist.device)
+        loss = out["loss"]
+        if self.fast:
+            value = loss.detach()
+            loss = loss * (value - value + 1.0)  # [] times 1, or NaN where non-finite (inf - inf): NaN gradients
+        elif not finite_on_every_rank(loss):  # the host sync of the DeepSpeed-engine path
+            self.round_nonfinite = True
         mark("forward")
-        if out["backward"]:
-            self.engine.backward(out["loss"])
-            mark("backward")
+        self.engine.backward(loss)
+        if self.fast:
+            self.base_optimizer.accumulate()  # bf16 weights: into the fp32 sum
+        mark("backward")
         return out
 
     def optimizer_step(self, lr: float, ema_momentum: float, timer: PhaseTimer | None = None
                        ) -> tuple[bool, Tensor | None]:
-        """The engine's step at ``lr`` (it updates only at the end of an accumulation round) and then
-        the EMA update with ``ema_momentum``. Returns whether the round ended and, on the fast step
-        at a round's end, the 0-dim skip flag (1: the update was skipped for a non-finite gradient)."""
+        """The engine's step at ``lr`` (it updates only at the end of an accumulation round) and, at a
+        round's end, the EMA update with ``ema_momentum``. Returns whether the round ended and, then,
+        the 0-dim skip flag (1: the round's update was skipped for a non-finite loss or gradient)."""
         mark = timer.mark if timer else (lambda phase: None)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         stepped = self.engine.is_gradient_accumulation_boundary()
-        self.engine.step()
+        with self._update_withheld(stepped and self.round_nonfinite):
+            self.engine.step()
         mark("optimizer")
-        skipped = self._skipped() if self.fast and stepped else None
-        if stepped and self.momentum is not None:
-            if skipped is not None:  # no change where the update was skipped
-                ema_momentum = 1.0 - (1.0 - ema_momentum) * (1.0 - skipped)
-            self._ema_update(ema_momentum)
+        if not stepped:
+            return False, None
+        skipped, no_update = self._skipped()
+        if self.momentum is not None:
+            self._ema_update(ema_momentum, no_update)
             mark("ema")
-        return stepped, skipped
+        return True, skipped
 
-    def _skipped(self) -> Tensor:
-        """Fast step: whether the update just skipped. DeepSpeed's ZeRO 1-3 optimizers check the
-        gradients for overflow themselves (on the host) and then never call ours."""
-        if getattr(self.optimizer, "overflow", False):
-            return torch.ones((), device=self.dist.device)
-        return self.base_optimizer.found_inf
+    @contextmanager
+    def _update_withheld(self, withhold: bool) -> Iterator[None]:
+        """DeepSpeed's engine step, with our optimizer's update withheld when ``withhold``: the engine
+        still ends the round (its counters, the gradients cleared) but weights and moments stay.
+        DeepSpeed skips a non-finite gradient itself, except on its fp32 ZeRO-0 path, and a
+        non-finite loss need not give one."""
+        if not withhold:
+            yield
+            return
+        base = self.base_optimizer
+        base.step = lambda closure=None: None  # shadows the method for this one engine step
+        try:
+            yield
+        finally:
+            del base.step
+
+    def _skipped(self) -> tuple[Tensor, Tensor]:
+        """At a round's end, 0-dim tensors on the device: ``(skipped, no_update)``. ``no_update``: the
+        weights did not move. ``skipped``: that was for a non-finite loss or gradient; the same flag,
+        but for DeepSpeed's fp16 loss-scale overflows, part of its scaling, not counted."""
+        if self.fast and not self.zero_stage:
+            flag = self.base_optimizer.found_inf  # decided on the device
+            return flag, flag
+        overflow = getattr(self.optimizer, "overflow", False)  # DeepSpeed's ZeRO/bf16/fp16 optimizers, on the host
+        nonfinite, self.round_nonfinite = self.round_nonfinite, False
+        skipped = nonfinite or (overflow and self.dtype != torch.float16)
+        device = self.dist.device
+        return torch.tensor(float(skipped), device=device), torch.tensor(float(nonfinite or overflow), device=device)
+
+    def _grad_norm(self) -> Tensor | None:
+        """The global gradient norm of the round just ended, before clipping, as the engine keeps it
+        (FusedAdamW's under ZeRO-0 on the fast step, DeepSpeed's optimizer's otherwise)."""
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else torch.as_tensor(norm, dtype=torch.float32, device=self.dist.device)
 
     @property
     def base_optimizer(self) -> torch.optim.Optimizer:
@@ -153,7 +195,7 @@ class Training:
         if self.zero_stage:
             cast = f" under {precision} autocast" if self.autocast else ""
             return (f"step: fast, fp32 weights{cast}, fused AdamW on ZeRO-{self.zero_stage} partitions "
-                    "(DeepSpeed checks them for overflow on the host)")
+                    "(DeepSpeed clips them by the global norm and checks it on the host)")
         weights = f"{precision} weights, fp32 masters" if self.dtype != torch.float32 else "fp32 weights"
         return f"step: fast, {weights} in a fused AdamW, no host sync"
 
@@ -181,6 +223,8 @@ class Training:
     def load_state_dict(self, state: dict, rank_state: dict | None) -> None:
         """``rank_state`` None (another number of processes wrote it): the mask streams start anew,
         seeded from the step of the checkpoint and this rank."""
+        if hasattr(self.optimizer, "clip_grad"):  # DeepSpeed's ZeRO and bf16/fp16 optimizers restored the checkpoint's
+            self.optimizer.clip_grad = self.engine.gradient_clipping()
         if self.momentum is not None:
             self.momentum.load_state_dict(state["momentum"])
         if rank_state is None:
@@ -188,19 +232,36 @@ class Training:
         else:
             self.masks.load_state_dict(rank_state["masks"])
 
-    def _ema_update(self, momentum: float | Tensor) -> None:
-        """EMA step from the fp32 masters where the optimizer keeps them; under ZeRO-3 the online
-        weights are gathered from their partitions first."""
+    def _ema_update(self, momentum: float, no_update: Tensor) -> None:
+        """EMA step with ``momentum`` (none where ``no_update`` is 1) from fp32 weights: the module's
+        where they are fp32 (ZeRO-3 gathers them from their partitions first), else their masters,
+        FusedAdamW's or those of DeepSpeed's bf16/fp16 engine (assembled tensor by tensor, one
+        all-reduce each); then the BatchNorm statistics, kept where the update was skipped."""
         module = self.engine.module
-        if self.zero_stage != 3:
-            masters = getattr(self.base_optimizer, "has_masters", False) and self.base_optimizer.master_of()
-            self.momentum.update(module, momentum, masters or None)
-            return
-        import deepspeed
-
+        momentum = 1.0 - (1.0 - momentum) * (1.0 - no_update)  # [] 1 where skipped: no change
         params = [*module.encoder.parameters(), *module.projector.parameters()]
-        with deepspeed.zero.GatheredParameters(params):
-            self.momentum.update(module, momentum)
+        if not self.fast and self.dtype != torch.float32:
+            self.momentum.update(module, momentum, self._engine_masters(params))
+        elif self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params):
+                self.momentum.update(module, momentum)
+        else:
+            base = self.base_optimizer
+            self.momentum.update(module, momentum, base.master_of() if getattr(base, "has_masters", False) else None)
+        self.momentum.take_buffers(module, no_update)
+
+    def _engine_masters(self, params: list[torch.nn.Parameter]) -> dict[int, Tensor]:
+        """``id(parameter) -> fp32 master`` for ``params`` from DeepSpeed's bf16/fp16 engine: whole under
+        ZeRO-0 (its unfused optimizer holds them group by group beside the module's), assembled from
+        the partitions under ZeRO 1-3 (one all-reduce per tensor)."""
+        if self.zero_stage == 0:
+            opt = self.optimizer
+            return {id(p): m for ps, ms in zip(opt.fp16_groups, opt.fp32_groups) for p, m in zip(ps, ms)}
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {id(p): safe_get_full_fp32_param(p) for p in params}
 
 
 def architecture(cfg: Config) -> dict:

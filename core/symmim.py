@@ -142,12 +142,17 @@ class SymMIM(nn.Module):
 
 
 class MomentumBranch(nn.Module):
-    """EMA copy of the online encoder and projector: ``xi <- m * xi + (1 - m) * theta``."""
+    """EMA copy of the online encoder and projector: ``xi <- m * xi + (1 - m) * theta``. Its buffers
+    (BatchNorm running statistics) are the online model's as of the last optimizer step taken: its
+    own forward normalises by batch statistics and leaves them alone."""
 
     def __init__(self, online: SymMIM):
         super().__init__()
         self.encoder = copy.deepcopy(online.encoder).float()
         self.projector = copy.deepcopy(online.projector).float()
+        for m in self.projector.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.track_running_stats = False  # the buffers stay (state, eval); training forwards do not move them
         self.con_token = online.con_token
         self.requires_grad_(False)
 
@@ -160,9 +165,9 @@ class MomentumBranch(nn.Module):
 
     @torch.no_grad()
     def update(self, online: SymMIM, momentum: float | Tensor, masters: dict[int, Tensor] | None = None) -> None:
-        """EMA step from the online weights (any dtype), or from their fp32 ``masters`` (``id(parameter)
-        -> master``) where the optimizer keeps them; ``momentum`` may be a 0-dim tensor (1 = no
-        change, for a step skipped on the device). BN running stats are copied."""
+        """EMA step of the parameters from the online weights (any dtype), or from their fp32
+        ``masters`` (``id(parameter) -> master``) where the optimizer keeps them; ``momentum`` may be
+        a 0-dim tensor (1 = no change, for a step skipped on the device)."""
         for name in ("encoder", "projector"):
             src, dst = getattr(online, name), getattr(self, name)
             online_fp32 = [(masters[id(p)] if masters else p.detach()).float() for p in src.parameters()]
@@ -172,6 +177,16 @@ class MomentumBranch(nn.Module):
                 torch._foreach_add_(ema, torch._foreach_mul(online_fp32, 1.0 - momentum))
             else:
                 torch._foreach_lerp_(ema, online_fp32, 1.0 - momentum)  # fused over all tensors
-            for b_dst, b_src in zip(dst.buffers(), src.buffers()):
-                b_dst.copy_(b_src)
 
+    @torch.no_grad()
+    def take_buffers(self, online: SymMIM, skipped: Tensor) -> None:
+        """At the end of an accumulation round: the online model's buffers become this branch's; where
+        the round's update was skipped (``skipped``, a 0-dim tensor, is 1) this branch's, those of the
+        last step taken, go back into the online model instead, so that a skipped round leaves no
+        statistics behind. Decided on the device."""
+        ema = [b for name in ("encoder", "projector") for b in getattr(self, name).buffers()]
+        live = [b for name in ("encoder", "projector") for b in getattr(online, name).buffers()]
+        skip = skipped.bool()
+        kept = [torch.where(skip, e, b) for e, b in zip(ema, live)]  # a select: NaN * 0 would be NaN
+        torch._foreach_copy_(ema, kept)
+        torch._foreach_copy_(live, kept)

@@ -4,7 +4,9 @@
 branch, cross-rank keys) once with one process on a global batch of 8 and once with two processes
 on 4 images each, sharing one fixed mask per branch, for SymMIM (contrastive branch on: keys
 gathered from every rank, the ``rank * batch`` positive offset, global-batch BatchNorm in the
-heads) and MAE-style random masking, on the fast step under ZeRO 0, 1, 2 and 3.
+heads) and MAE-style random masking, on the fast step under ZeRO 0, 1, 2 and 3; and a few MAE
+steps clipped by the global gradient norm under each stage, against torch's AdamW and
+``clip_grad_norm_`` on the whole batch.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from symmim.core.masking import MaskGenerator
 
 pytestmark = pytest.mark.slow
 DIST_STEP = str(Path(__file__).with_name("dist_step.py"))
+CLIP = 0.02  # dist_step.CLIP
 CASES = [(variant, stage) for variant in ("symmim", "random75") for stage in (0, 1, 2, 3)]
 
 
@@ -32,7 +35,7 @@ def results(tmp_path_factory) -> tuple[dict, dict]:
     run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), DIST_STEP, "--out", str(out / "two.pt")])
     one, two = (torch.load(out / f"{n}.pt", weights_only=False) for n in ("one", "two"))
     assert (one["world"], two["world"]) == (1, 2)
-    return one["results"], two["results"]
+    return one["results"], two["results"], one["clipped"], two["clipped"]
 
 
 @pytest.mark.parametrize("variant,stage", CASES)
@@ -63,3 +66,15 @@ def test_each_rank_draws_its_own_masks(results):
             expected = MaskGenerator(mask_cfg, (8, 8), torch.device("cpu"), seed=rank).online(4).mask
             assert torch.equal(own[4 * rank:4 * rank + 4], expected), (variant, rank)
         assert not torch.equal(own[:4], own[4:])
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_clipping_is_by_the_global_norm_under_every_zero_stage(results, stage, world):
+    """DeepSpeed steps a ZeRO optimizer group by group: the norm, the clip and the reported norm
+    cover every group and rank all the same (torch's AdamW after ``clip_grad_norm_`` to 1e-6)."""
+    reference, clipped = results[2]["reference"], results[1 + world][stage]
+    assert min(reference["norms"]) > 10 * CLIP  # every step clipped
+    assert clipped["norms"] == pytest.approx(reference["norms"], rel=1e-5)
+    for name, want in reference["weights"].items():
+        torch.testing.assert_close(clipped["weights"][name], want, rtol=0, atol=1e-6, msg=name)

@@ -255,16 +255,23 @@ def test_momentum_zero_copies(online):
         assert torch.equal(xi, theta)
 
 
-def test_momentum_update_copies_bn_buffers(online):
+def test_momentum_branch_takes_the_bn_buffers_or_gives_them_back_after_a_skip(online):
     momentum = MomentumBranch(online)
     scramble(online, seed=4)
-    momentum.update(online, 0.9)
+    momentum.take_buffers(online, torch.zeros(()))  # a step taken: the online statistics become the branch's
     src = dict(online.projector.named_buffers())
     dst = dict(momentum.projector.named_buffers())
     assert set(src) == set(dst) and any("running_mean" in n for n in src)
     for name, buf in src.items():
         assert torch.equal(dst[name], buf), name
     assert int(dst["1.num_batches_tracked"]) == 11
+    kept = {n: b.clone() for n, b in dst.items()}
+    with torch.no_grad():
+        for name, buf in online.projector.named_buffers():
+            buf.fill_(float("nan") if buf.is_floating_point() else 99)  # the statistics of a NaN round
+    momentum.take_buffers(online, torch.ones(()))  # skipped: the branch keeps its own and gives them back
+    for name, buf in online.projector.named_buffers():
+        assert torch.equal(buf, kept[name]) and torch.equal(dst[name], kept[name]), name
 
 
 def test_momentum_update_from_bf16_online(online):
