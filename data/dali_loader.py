@@ -1,4 +1,5 @@
-"""DALI training pipeline: read this rank's shard, decode, random-resized-crop, flip.
+"""DALI training pipeline: read this rank's shard, decode, random-resized-crop, flip; with a key
+view of its own (``data.key_view``, ``data/views.py``), one whole-image decode and two views.
 
 Decoding runs on the GPU (``mixed``, nvJPEG and the hardware JPEG decoder) when training on
 CUDA and on the CPU otherwise. Training on a GPU, the pipeline emits uint8 ``[B, 3, S, S]`` (a
@@ -21,10 +22,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.distributed as dist
+import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from symmim.data import views as moco
 from symmim.data.folder import MEAN, STD, DataError, ImageList, batches_per_epoch, normalize, pixel_stats
+from symmim.data.views import Views
 from symmim.data.verify import Finding, find_truncated, verify_files
 
 if TYPE_CHECKING:
@@ -42,9 +46,10 @@ SCAN_ON_FAILURE = 20_000  # on a decode failure, find the broken files of lists 
 
 @pipeline_def(enable_checkpointing=True)
 def _train_pipeline(source, shard_id, num_shards, size, scale, hflip, decode_device, decoder_args, normalize,
-                    until=None, antialias=True):
-    """The training images; ``until`` ("read", "decode" or "resize") returns what that stage made, for
-    profiling (``benchmarks/dataloader.py --stages``)."""
+                    key_view="same", key_shift=0, until=None, antialias=True):
+    """The training images (with ``key_view`` other than ``same``: the online and the key views);
+    ``until`` ("read", "decode" or "resize") returns what that stage made, for profiling
+    (``benchmarks/dataloader.py --stages``)."""
     if isinstance(source, ImageList):
         encoded, _ = fn.readers.file(
             files=source.files, labels=source.labels, shard_id=shard_id, num_shards=num_shards,
@@ -57,6 +62,9 @@ def _train_pipeline(source, shard_id, num_shards, size, scale, hflip, decode_dev
         )
     if until == "read":
         return encoded
+    if key_view != "same":
+        return _two_views(encoded, size, scale, hflip, decode_device, decoder_args, normalize, key_view, key_shift,
+                          until, antialias)
     images = fn.decoders.image_random_crop(
         encoded, device=decode_device, output_type=types.RGB,
         random_area=list(scale), random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **decoder_args,
@@ -67,12 +75,79 @@ def _train_pipeline(source, shard_id, num_shards, size, scale, hflip, decode_dev
     if until == "resize":
         return images
     mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
+    return _emit(images, mirror, normalize)
+
+
+def _emit(images, mirror, normalize: bool):
+    """HWC uint8 views -> ``[B, 3, S, S]``, mirrored where ``mirror``: uint8, or floats normalised with MEAN / STD."""
     if not normalize:
         return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mirror=mirror)  # [B, 3, S, S]
     return fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
         mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD],
     )  # [B, 3, S, S] float
+
+
+def _two_views(encoded, size, scale, hflip, decode_device, decoder_args, normalize, key_view, key_shift, until,
+               antialias):
+    """The online and key views (``data/views.py``) from one whole-image decode. The crop boxes are
+    drawn on the CPU from the JPEG headers (``anchor``, ``extent``: ``[2]``, y then x, source pixels)
+    and passed as per-sample arguments, so the same graph serves the ``cpu`` and ``mixed`` decoders."""
+    images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, **decoder_args)  # [H, W, 3]
+    if until == "decode":
+        return images
+    shape = fn.peek_image_shape(encoded)  # [3]: H, W, C
+    window = dict(random_area=list(scale), random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+    anchor, extent = fn.random_crop_generator(shape, **window)  # [2] each
+    mirror = fn.random.coin_flip(probability=0.5 if hflip else 0.0)
+    online = _crop_resize(images, anchor, extent, mirror, size, antialias)
+    if key_view == "shifted":  # the same box, moved by whole output pixels, kept inside; the same flip
+        moves = fn.random.uniform(values=[float(d) for d in range(-key_shift, key_shift + 1)], shape=[2])  # [2]
+        room = fn.cast(shape[0:2], dtype=types.FLOAT) - extent  # [2]: the largest anchor that fits
+        key = _crop_resize(images, dmath.clamp(anchor + moves * extent / size, 0.0, room), extent, mirror, size,
+                           antialias)
+    else:  # independent: a box and a flip of its own
+        key_anchor, key_extent = fn.random_crop_generator(shape, **window)
+        key_mirror = fn.random.coin_flip(probability=0.5 if hflip else 0.0)
+        key = _crop_resize(images, key_anchor, key_extent, key_mirror, size, antialias)
+    if until == "resize":
+        return online, key
+    if key_view == "independent":
+        key = _moco_colour(key)
+    return _emit(online, 0, normalize), _emit(key, 0, normalize)
+
+
+def _crop_resize(images, anchor, extent, mirror, size: int, antialias: bool):
+    """The box ``anchor``, ``extent`` of each image resized to ``size`` x ``size``, mirrored where ``mirror``
+    (a region whose x runs backwards)."""
+    flip = types.Constant(np.array([0.0, 1.0], np.float32)) * mirror  # [2]: 0, mirror
+    return fn.resize(images, size=[size, size], roi_start=anchor + flip * extent, roi_end=anchor + (1 - flip) * extent,
+                     interp_type=types.INTERP_LINEAR, antialias=antialias)  # [S, S, 3] uint8
+
+
+def _moco_colour(key):
+    """MoCo v3's key-view colour changes, each applied with its probability by neutral arguments
+    where not drawn: jitter and grayscale (saturation 0) as one colour twist, blur (a one-tap window
+    where not drawn), solarize. Where it differs from torchvision (the PyTorch loader): the twist
+    changes contrast about mid-grey (128), not the image's mean grey (a per-image mean would have to
+    come back from the GPU to the CPU to be an argument); it turns hue in YIQ space, which keeps the
+    luma, where HSV keeps the largest channel; and it applies the four changes in one fixed order,
+    not a random one."""
+    jitter = fn.random.coin_flip(probability=moco.JITTER_P)
+
+    def factor(strength: float):
+        return 1.0 + jitter * (fn.random.uniform(range=[1 - strength, 1 + strength]) - 1.0)
+
+    gray = fn.random.coin_flip(probability=moco.GRAY_P)
+    key = fn.color_twist(key, brightness=factor(moco.BRIGHTNESS), contrast=factor(moco.CONTRAST),
+                         saturation=factor(moco.SATURATION) * (1.0 - gray),
+                         hue=jitter * fn.random.uniform(range=[-moco.HUE * 360, moco.HUE * 360]))  # hue in degrees
+    sigma = fn.random.uniform(range=list(moco.BLUR_SIGMA))
+    blur = fn.random.coin_flip(probability=moco.BLUR_P)
+    taps = 1 + blur * 2 * fn.cast(dmath.ceil(3 * sigma), dtype=types.INT32)  # DALI's own window for sigma, or 1
+    key = fn.gaussian_blur(key, sigma=sigma, window_size=taps)
+    solarize = fn.random.coin_flip(probability=moco.SOLARIZE_P)
+    return fn.cast(key + solarize * (key >= moco.SOLARIZE_AT) * (255 - 2 * key), dtype=types.UINT8)  # [S, S, 3]
 
 
 def _broken_files_error(broken: list[Finding]) -> DataError:
@@ -123,12 +198,13 @@ class DaliLoader:
         self._build_args = dict(
             source=source, shard_id=rank, num_shards=world, size=size, scale=data.crop_scale,
             hflip=data.hflip, decode_device=self.decode, decoder_args=self._decoder_args(data),
-            normalize=self.decode == "cpu",
+            normalize=self.decode == "cpu", key_view=data.key_view, key_shift=data.key_shift,
             seed=seed + 1 + rank,  # reader and augmentations
             batch_size=self.batch, num_threads=data.workers,
             device_id=self.device.index if self.device.type == "cuda" else None,
         )
         self.stats = pixel_stats(self.device) if self.decode == "mixed" else None  # uint8 arrives: the GPU normalises
+        self.outputs = ["images"] if data.key_view == "same" else list(Views._fields)
         self._restored = False
         self._iterator = self._make_iterator(None)
         self.name = f"DALI ({data.format}, {data.workers} threads, decode={self.decode})"
@@ -152,7 +228,7 @@ class DaliLoader:
         pipe = _train_pipeline(**self._build_args, checkpoint=checkpoint)
         pipe.build()
         try:  # the iterator decodes its first batch right away
-            return DALIGenericIterator(pipe, ["images"], reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+            return DALIGenericIterator(pipe, self.outputs, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
         except RuntimeError as err:
             raise self._decode_failure(err) from None
 
@@ -167,9 +243,10 @@ class DaliLoader:
         return DataError(f"DALI failed to read or decode this rank's data ({dali_says}); find the broken files and "
                          "write an exclusion list with: symmim-verify-data DATA_ROOT")
 
-    def epoch(self, epoch: int, start_step: int = 0, stop_step: int | None = None) -> Iterator[torch.Tensor]:
-        """This rank's batches ``[B, 3, S, S]`` (float, normalised on the training device) from
-        ``start_step`` up to ``stop_step`` (default ``steps_per_epoch``).
+    def epoch(self, epoch: int, start_step: int = 0, stop_step: int | None = None) -> Iterator[torch.Tensor | Views]:
+        """This rank's batches ``[B, 3, S, S]`` (float, normalised on the training device; :class:`Views`
+        of two unless ``data.key_view`` is ``same``) from ``start_step`` up to ``stop_step`` (default
+        ``steps_per_epoch``).
 
         A restored DALI checkpoint already sits at ``start_step``; without one the first
         ``start_step`` batches are decoded and dropped to reach the same position. Before the
@@ -192,13 +269,17 @@ class DaliLoader:
             step += 1
         self._iterator.reset()
 
-    def _batch(self, out, keep: bool) -> torch.Tensor:
-        """One iterator output as normalised floats ``[B, 3, S, S]`` on the device; ``keep``: a tensor
-        of its own, not DALI's buffer."""
-        images = out[0]["images"]
-        if self.stats is not None:  # uint8 on the GPU
-            return normalize(images, self.stats)
-        return images.clone() if keep else images
+    def _batch(self, out, keep: bool) -> torch.Tensor | Views:
+        """One iterator output as normalised floats ``[B, 3, S, S]`` on the device (:class:`Views` of two
+        with key views); ``keep``: tensors of their own, not DALI's buffers."""
+        views = []
+        for name in self.outputs:
+            images = out[0][name]
+            if self.stats is not None:  # uint8 on the GPU
+                views.append(normalize(images, self.stats))
+            else:
+                views.append(images.clone() if keep else images)
+        return views[0] if len(views) == 1 else Views(*views)
 
     def _next(self):
         """The iterator's next output, None at the end of the epoch; decode errors named."""
