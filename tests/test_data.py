@@ -32,8 +32,14 @@ def _ids(images: torch.Tensor) -> list[int]:
     return [round((r - 10) / 5) for r in red.tolist()]
 
 
-def _cfg(loader: str):
-    return load_config(None, [f"data.loader={loader}", "train.batch_size=4", "data.workers=1", "model.img_size=16", "model.patch_size=8"])
+def _cfg(loader: str, key_view: str = "same"):
+    return load_config(None, [f"data.loader={loader}", "train.batch_size=4", "data.workers=1", "model.img_size=16",
+                              "model.patch_size=8", f"data.key_view={key_view}"])
+
+
+def _equal(a, b) -> bool:
+    """Two batches (tensors or Views) hold the same values."""
+    return all(torch.equal(x, y) for x, y in zip(*(v if isinstance(v, tuple) else (v,) for v in (a, b))))
 
 
 def _epoch_ids(make_loader, epoch: int) -> list[list[int]]:
@@ -86,11 +92,12 @@ def test_torch_loader_shards_are_disjoint_exact_and_reshuffled(colour_folder):
     assert rest == first[0][12:]
 
 
-def test_dali_resumes_mid_epoch_from_its_checkpoint(colour_folder):
+@pytest.mark.parametrize("key_view", ["same", "independent"])
+def test_dali_resumes_mid_epoch_from_its_checkpoint(colour_folder, key_view):
     from symmim.data.dali_loader import DaliLoader
 
     items = scan_imagefolder(colour_folder)
-    cfg = _cfg("dali")
+    cfg = _cfg("dali", key_view)
     loader = DaliLoader(items, len(items), cfg.data, 16, 4, 0, 0, 2, torch.device("cpu"))
     batches = loader.epoch(0)
     head = [next(batches) for _ in range(2)]
@@ -100,7 +107,7 @@ def test_dali_resumes_mid_epoch_from_its_checkpoint(colour_folder):
     restored.load_state_dict(state)
     again = list(restored.epoch(0, start_step=2))
     assert len(head) + len(tail) == 5
-    assert all(torch.equal(a, b) for a, b in zip(tail, again)) and len(again) == len(tail)
+    assert all(_equal(a, b) for a, b in zip(tail, again)) and len(again) == len(tail)
 
 
 def test_data_errors_name_the_problem(tmp_path):
@@ -137,21 +144,22 @@ def test_excluded_files_are_skipped(colour_folder, tmp_path):
         read_exclusions(colour_folder, str(tmp_path / "missing.txt"))
 
 
-def test_dali_uint8_batches_normalised_on_the_device_equal_the_pipelines_own(colour_folder):
+@pytest.mark.parametrize("key_view", ["same", "independent"])
+def test_dali_uint8_batches_normalised_on_the_device_equal_the_pipelines_own(colour_folder, key_view):
     """The GPU path (uint8 out of DALI, normalised by torch on the device) gives the CPU path's
-    floats (DALI normalising in its threads) for the same reader order and crops; the mixed
-    decoder's tuning reaches only the mixed decoder."""
+    floats (DALI normalising in its threads) for the same reader order, crops and key views; the
+    mixed decoder's tuning reaches only the mixed decoder."""
     from symmim.data.dali_loader import MIXED_PREALLOCATION, DaliLoader
     from symmim.data.folder import normalize, pixel_stats
 
-    cfg = _cfg("dali")
+    cfg = _cfg("dali", key_view)
     items = scan_imagefolder(colour_folder)
     loader = DaliLoader(items, len(items), cfg.data, 16, 4, 0, 0, 1, torch.device("cpu"))
     assert loader._build_args["decoder_args"] == {} and loader._build_args["normalize"]
     outputs = {}
     for normalize_in_pipeline in (True, False):
         pipe = loader.pipeline(normalize=normalize_in_pipeline)
-        outputs[normalize_in_pipeline] = [torch.from_numpy(pipe.run()[0].as_array()) for _ in range(3)]
+        outputs[normalize_in_pipeline] = [torch.from_numpy(view.as_array()) for _ in range(3) for view in pipe.run()]
     for floats, pixels in zip(outputs[True], outputs[False]):
         assert pixels.dtype == torch.uint8 and pixels.shape == floats.shape == (4, 3, 16, 16)
         torch.testing.assert_close(normalize(pixels, pixel_stats(torch.device("cpu"))), floats, rtol=0, atol=2e-5)
