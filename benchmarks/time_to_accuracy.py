@@ -38,17 +38,20 @@ METHODS = {
 }
 
 
-def pretrain_command(config: str, run_dir: Path, sets: list[str], device: str) -> list[str]:
-    """A pre-training run that logs kNN top-1 at every epoch end, with ``sets`` applied."""
-    sets = [*sets, "eval.knn_every_epochs=1", f"train.device={device}", "log.progress=false", "log.recon_images=0"]
-    return [sys.executable, "-m", "symmim.launch.pretrain", "--config", config, "--output-dir", str(run_dir),
-            *(a for s in sets for a in ("--set", s))]
+def launch_command(launcher: str, config: str, run_dir: Path, sets: list[str], device: str,
+                   weights: Path | None = None) -> list[str]:
+    """A run of ``symmim.launch.<launcher>`` (``pretrain``, ``finetune``, ``linprobe``) into ``run_dir``
+    on ``device`` with ``sets`` applied, without progress bar or reconstruction pictures."""
+    sets = [*sets, f"train.device={device}", "log.progress=false", "log.recon_images=0"]
+    return [sys.executable, "-m", f"symmim.launch.{launcher}", "--config", config, "--output-dir", str(run_dir),
+            *(["--weights", str(weights)] if weights else []), *(a for s in sets for a in ("--set", s))]
 
 
 def command(args, name: str) -> list[str]:
-    """The pre-training command line of one method."""
-    return pretrain_command(args.config, Path(args.runs_dir) / name,
-                            [*METHODS[name], *args.set, f"train.time_limit_min={args.minutes}"], args.device)
+    """The pre-training command line of one method: kNN at every epoch end."""
+    return launch_command("pretrain", args.config, Path(args.runs_dir) / name,
+                          [*METHODS[name], *args.set, "eval.knn_every_epochs=1", f"train.time_limit_min={args.minutes}"],
+                          args.device)
 
 
 def knn_curve(run_dir: Path) -> list[dict]:
