@@ -1,9 +1,12 @@
-"""The ablation runner (``benchmarks/ablations.py``): the commands it plans, its summary, what
-``--extend`` accepts, the digits set.
+"""The ablation runner (``benchmarks/ablations.py``) and the paper's-claim plan built on it
+(``benchmarks/paper_claim.py``): the commands they plan, what ``--extend`` accepts, the digits set,
+the ImageNet-100 subset, the GPU-hour estimate, and one real run of pre-training, linear probe and
+fine-tuning on CPU.
 """
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 
@@ -11,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from symmim.benchmarks import ablations
+from symmim.benchmarks import ablations, paper_claim
 
 
 def _plan(capsys, *argv: str) -> list[list[str]]:
@@ -124,3 +127,69 @@ def test_digits_become_an_imagefolder_with_a_fifth_of_each_class_held_out(tmp_pa
     stamp = first.stat().st_mtime_ns
     assert ablations.write_digits(root) == root and first.stat().st_mtime_ns == stamp  # written once
     assert not root.with_name("digits.partial").exists()
+
+
+# ---------------------------------------------------------------- the paper's claim
+
+
+def test_imagenet100_is_cmcs_hundred_classes():
+    wnids = paper_claim.imagenet100()
+    assert len(wnids) == len(set(wnids)) == 100 and all(re.fullmatch(r"n\d{8}", w) for w in wnids)
+    assert wnids[:3] == ["n02869837", "n01749939", "n02488291"] and wnids[-1] == "n02090622"
+
+
+def test_the_subset_links_the_hundred_class_folders_once(tmp_path):
+    imagenet = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        for w in [*paper_claim.imagenet100(), "n01440764"]:  # and a class that is not in the subset
+            (imagenet / split / w).mkdir(parents=True)
+    out = paper_claim.build_subset(imagenet, tmp_path / "in100")
+    for split in ("train", "val"):
+        links = sorted((out / split).iterdir())
+        assert [p.name for p in links] == sorted(paper_claim.imagenet100())
+        assert all(p.is_symlink() and p.resolve() == (imagenet / split / p.name).resolve() for p in links)
+    assert paper_claim.build_subset(imagenet, out) == out  # again: nothing to do
+    (imagenet / "val" / "n02090622").rmdir()
+    with pytest.raises(SystemExit, match="1 of the 200 class folders are missing, e.g. .*val/n02090622"):
+        paper_claim.build_subset(imagenet, tmp_path / "other")
+
+
+def test_the_gpu_hour_estimate_scales_the_measured_vit_b_step_by_flops():
+    measured, rows = paper_claim.estimate()
+    assert measured["env"]["device"] == "NVIDIA H200"
+    by_run = {r["run"].split(",")[0]: r for r in rows}
+    vit_b = {r["variant"]: r for r in measured["rows"] if r["system"] == "optimized"}
+    symmim = by_run["pre-train symmim"]
+    assert symmim["gflop_per_img"] < vit_b["symmim"]["gflop_per_img"]
+    assert symmim["img_per_s"] * symmim["gflop_per_img"] == pytest.approx(vit_b["symmim"]["img_per_s"] * vit_b["symmim"]["gflop_per_img"])
+    assert symmim["hours_at_vit_b_img_s"] > symmim["hours"]
+    assert by_run["total"]["hours"] == pytest.approx(sum(r["hours"] for r in rows[:-1]))
+
+
+def test_the_paper_claim_plan(capsys, tmp_path):
+    assert paper_claim.main(["--dry-run", "--data-root", str(tmp_path / "in100")]) == 0
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(commands) == 2 * 2 * 3  # variants x epoch budgets x (pre-training, linear probe, fine-tuning)
+    pretrains = [c for c in commands if _launcher(c) == "pretrain"]
+    assert sorted(next(s for s in _sets(c) if s.startswith("train.epochs=")) for c in pretrains) == [
+        "train.epochs=100", "train.epochs=100", "train.epochs=200", "train.epochs=200"]
+    assert all(c[c.index("--config") + 1].endswith("vit_s16_in100_symmim.yaml") for c in pretrains)
+    assert sum("mask.ratio=0.75" in _sets(c) for c in pretrains) == 2
+    assert {c[c.index("--config") + 1].rsplit("/", 1)[1] for c in commands if c not in pretrains} == {
+        "finetune_vit_s16_in100.yaml", "linprobe_vit_s16_in100.yaml"}
+    assert all(f"data.root={tmp_path / 'in100'}" in _sets(c) and "train.seed=0" in _sets(c) for c in commands)
+
+
+@pytest.mark.slow
+def test_the_paper_claim_plan_runs_end_to_end_on_cpu(embedded_cache, tmp_path):
+    """The ViT-S presets with the CPU check's overrides: one pre-training (2 steps, kNN at its end), its
+    linear probe and its fine-tuning (2 steps each); then the table, its JSON and chart."""
+    table = tmp_path / "claim.json"
+    assert paper_claim.main(["--cpu-check", "--epochs", "100", "--variants", "symmim", "--runs-dir", str(tmp_path),
+                             "--set", f"data.cache_dir={embedded_cache}", "--json", str(table)]) == 0
+    record = json.loads(table.read_text())
+    (run,) = record["runs"]["100 epochs"]["symmim"]
+    assert all(0.0 <= run[f"{m}_top1"] <= 100.0 for m in ablations.METRICS)
+    assert set(run["seconds"]) == {"pretrain", "linprobe", "finetune"}
+    assert record["summary"]["100 epochs"]["symmim"]["seeds"] == 1 and "partial" not in record
+    assert table.with_suffix(".png").stat().st_size > 0
