@@ -9,6 +9,10 @@ per second over ``--batches`` batches after ``--warmup``, all inside one epoch, 
 of ``--repeats`` alternating runs. Two data sets: generated photo-like JPEGs of ImageNet
 size (about 500x375, quality 90) and the embedded one (small procedural JPEGs).
 
+``--key-view same independent shifted`` measures each key view (``data.key_view``: the momentum
+branch's own view, ``data/views.py``) as its own row, all runs alternating, and the cost per image
+of each against ``same`` (``torch_cost_x``, ``dali_cost_x``: same's img/s over the row's).
+
 ``--stages`` also profiles where the time goes on the photos: DALI's CPU pipeline cut after each
 stage (read, decode and crop, resize, flip and normalise) and two variants of the whole (uint8
 out, resize without antialiasing), in img/s with ``--workers`` threads; and the PIL loader's
@@ -16,6 +20,8 @@ per-image steps in ms on one thread.
 
     python benchmarks/dataloader.py --workers 2 --photos 1024 --batches 30 --repeats 5 --stages \
         --json benchmarks/results/cpu_dataloader.json
+    python benchmarks/dataloader.py --workers 2 --key-view same independent shifted \
+        --json benchmarks/results/cpu_dataloader_key_views.json
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import shutil
 import statistics
 import sys
 import time
+import typing
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -34,13 +41,14 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from symmim.benchmarks.common import base_parser, environment, print_table, write_results
-from symmim.core.config import load_config
+from symmim.core.config import DataConfig, load_config
 from symmim.core.distributed import pick_device
 from symmim.data.embedded import ensure_embedded
 from symmim.data.folder import scan_imagefolder
 from symmim.data.torch_loader import TorchLoader, open_rgb, random_resized_crop_box, to_tensor
 
 PHOTOS_VERSION = "photos-v1"
+KEY_VIEWS = typing.get_args(typing.get_type_hints(DataConfig)["key_view"])
 TARGET = 2.0  # target: DALI-CPU >= 2x PIL + DataLoader at equal threads, ImageNet-size photos
 
 
@@ -122,12 +130,12 @@ def images_per_s(loader, warmup: int, batches: int, device: torch.device) -> flo
         next(stream)
     start = time.perf_counter()
     for _ in range(batches):
-        images = next(stream)  # [B, 3, S, S] float, normalised
+        next(stream)  # [B, 3, S, S] float, normalised (Views of two with a key view)
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     stream.close()  # stops the DataLoader workers mid-epoch
-    return batches * images.shape[0] / elapsed
+    return batches * loader.batch / elapsed
 
 
 def _file_stats(files: list[str]) -> dict:
@@ -139,33 +147,47 @@ def _file_stats(files: list[str]) -> dict:
     return {"mean_kb": statistics.mean(os.path.getsize(f) for f in files) / 1e3, "mean_mpix": statistics.mean(pixels) / 1e6}
 
 
-def measure(root: Path, cfg, size: int, device: torch.device, args, use_dali: bool) -> dict:
-    """One table row: both loaders on ``root``/train, median img/s of ``args.repeats`` runs."""
+def measure(root: Path, cfgs: dict, size: int, device: torch.device, args, use_dali: bool) -> list[dict]:
+    """Table rows for ``root``/train, one per key view of ``cfgs`` (key view -> config): both loaders,
+    median img/s of ``args.repeats`` runs, every loader and key view in turn in each repeat."""
     items = scan_imagefolder(root / "train")
+    cfg = next(iter(cfgs.values()))
     batch, seed = cfg.train.batch_size, cfg.train.seed
-    loaders = {"torch": lambda: TorchLoader(items, cfg.data, size, batch, seed, 0, 1, device)}
-    if use_dali:
-        from symmim.data.dali_loader import DaliLoader  # DALI is optional (absent on the GPU test machine)
+    builders = {}
+    for view, c in cfgs.items():
+        builders[view, "torch"] = lambda c=c: TorchLoader(items, c.data, size, batch, seed, 0, 1, device)
+        if use_dali:
+            from symmim.data.dali_loader import DaliLoader  # DALI is optional (absent on the GPU test machine)
 
-        loaders["dali"] = lambda: DaliLoader(items, len(items), cfg.data, size, batch, seed, 0, 1, device)
-    steps = len(items) // cfg.train.batch_size
+            builders[view, "dali"] = lambda c=c: DaliLoader(items, len(items), c.data, size, batch, seed, 0, 1, device)
+    steps = len(items) // batch
     batches = min(args.batches, steps - args.warmup)
     if batches < 1:
-        raise SystemExit(f"{len(items)} images give {steps} batches of {cfg.train.batch_size}: "
+        raise SystemExit(f"{len(items)} images give {steps} batches of {batch}: "
                          f"too few for --warmup {args.warmup}; use more images or a smaller --batch")
-    runs = {name: [] for name in loaders}
+    runs = {key: [] for key in builders}
     names = {}
-    for _ in range(args.repeats):  # alternate, so both loaders see the same background load
-        for name, build in loaders.items():
+    for _ in range(args.repeats):  # alternate, so every loader sees the same background load
+        for (view, name), build in builders.items():
             loader = build()
             names[name] = loader.name
-            runs[name].append(images_per_s(loader, args.warmup, batches, device))
+            runs[view, name].append(images_per_s(loader, args.warmup, batches, device))
             del loader  # frees the DALI pipeline and its threads before the next run
-    row = {"dataset": root.name, "files": len(items), **_file_stats(items.files), "batches": batches}
-    row.update({f"{name}_img_s": statistics.median(r) for name, r in runs.items()})
-    row.update({f"{name}_runs": [round(v, 1) for v in r] for name, r in runs.items()})
-    row["dali_over_torch"] = row["dali_img_s"] / row["torch_img_s"] if use_dali else None
-    return row | {"loaders": names}
+    common = {"dataset": root.name, "files": len(items), **_file_stats(items.files), "batches": batches}
+    rows = []
+    for view in cfgs:
+        row = {**common, "key_view": view}
+        for name in ("torch", "dali") if use_dali else ("torch",):
+            row[f"{name}_img_s"] = statistics.median(runs[view, name])
+            row[f"{name}_runs"] = [round(v, 1) for v in runs[view, name]]
+        row["dali_over_torch"] = row["dali_img_s"] / row["torch_img_s"] if use_dali else None
+        rows.append(row | {"loaders": names})
+    same = next((r for r in rows if r["key_view"] == "same"), None)
+    for row in rows:
+        for name in ("torch", "dali"):
+            if same and row.get(f"{name}_img_s"):
+                row[f"{name}_cost_x"] = same[f"{name}_img_s"] / row[f"{name}_img_s"]
+    return rows
 
 
 def dali_stages(items, cfg, size: int, batches: int) -> dict[str, float]:
@@ -221,14 +243,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--photos", type=int, default=512, help="photo-like JPEGs to generate (once, cached)")
     p.add_argument("--cache-dir", default=None, help="where data sets are generated (default: data.cache_dir)")
     p.add_argument("--stages", action="store_true", help="also profile each loader stage by stage on the photos")
+    p.add_argument("--key-view", nargs="+", choices=KEY_VIEWS, default=["same"],
+                   help="data.key_view values to measure, each its own row (the momentum branch's view)")
     p.add_argument("--quick", action="store_true", help="tiny run for tests: few photos, batches and repeats")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.batches, args.warmup, args.repeats, args.photos = 4, 2, 1, 1, 16
         args.size = min(args.size, 64)
     device = pick_device(args.device)
-    cfg = load_config(None, [f"train.batch_size={args.batch}", f"data.workers={args.workers}"]
-                      + ([f"data.cache_dir={args.cache_dir}"] if args.cache_dir else []))
+    sets = [f"train.batch_size={args.batch}", f"data.workers={args.workers}"] + (
+        [f"data.cache_dir={args.cache_dir}"] if args.cache_dir else [])
+    cfgs = {view: load_config(None, [*sets, f"data.key_view={view}"]) for view in dict.fromkeys(args.key_view)}
+    cfg = load_config(None, sets)
     use_dali = importlib.util.find_spec("nvidia.dali") is not None
     notes = [] if use_dali else ["DALI is not installed here: only the PyTorch loader was measured"]
     if args.quick:
@@ -237,16 +263,19 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device) | {"load_avg_1min": round(os.getloadavg()[0], 2)}
 
     datasets = [ensure_photos(cfg.data.cache_dir, args.photos), ensure_embedded(cfg.data.cache_dir, cfg.data.embedded_seed)]
-    rows = [measure(root, cfg, args.size, device, args, use_dali) for root in datasets]
-    photos = rows[0]
+    rows = [row for root in datasets for row in measure(root, cfgs, args.size, device, args, use_dali)]
+    photos = rows[0]  # the first key view's row on the photos
     met = None if photos["dali_over_torch"] is None or device.type == "cuda" else photos["dali_over_torch"] >= TARGET
     if met is not None:
         photos["target"] = f"{'met' if met else 'MISSED'} (>= {TARGET:g}x)"
-    targets = [{"target": f"DALI-CPU >= {TARGET:g}x PIL+DataLoader, equal threads, ImageNet-size photos",
-                "measured": photos["dali_over_torch"], "met": met}]
+    targets = [{"target": f"DALI-CPU >= {TARGET:g}x PIL+DataLoader, equal threads, ImageNet-size photos "
+                          f"(key view {photos['key_view']})", "measured": photos["dali_over_torch"], "met": met}]
+    columns = ["dataset", "files", "mean_kb", "mean_mpix", "batches", "key_view", "torch_img_s", "dali_img_s",
+               "dali_over_torch", "target"]
+    if len(cfgs) > 1:
+        columns[-1:-1] = ["torch_cost_x", "dali_cost_x"]
     print_table(f"data loading: DALI (decode {decode}) vs PyTorch, {args.workers} threads each, "
-                f"batch {args.batch}, {args.size}px crops", env, rows,
-                ["dataset", "files", "mean_kb", "mean_mpix", "batches", "torch_img_s", "dali_img_s", "dali_over_torch", "target"])
+                f"batch {args.batch}, {args.size}px crops", env, rows, columns)
     for name, label in rows[0]["loaders"].items():
         print(f"{name}: {label}")
     stages = {}
@@ -264,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}")
     record = {"benchmark": "dataloader", "env": env, "config": vars(args) | {"decode": decode, "crop_scale": cfg.data.crop_scale},
               "rows": rows, "targets": targets, "notes": notes, "stages": stages}
-    bars = [(f"{r['dataset'].split('-')[0]} {name}", r[f"{name}_img_s"])
+    views = len(cfgs) > 1
+    bars = [(f"{r['dataset'].split('-')[0]} {name}" + (f" {r['key_view']}" if views else ""), r[f"{name}_img_s"])
             for r in rows for name in ("torch", "dali") if r.get(f"{name}_img_s")]
     write_results(args.json, record, bars, ylabel="images / s")
     return 0
