@@ -42,6 +42,7 @@ READER = "reader"
 MIXED_PREALLOCATION = dict(device_memory_padding=211_025_920, host_memory_padding=140_544_512,
                            preallocate_width_hint=5980, preallocate_height_hint=6430)
 SCAN_ON_FAILURE = 20_000  # on a decode failure, find the broken files of lists up to this size
+SOLARIZED = [v if v < moco.SOLARIZE_AT else 255 - v for v in range(256)]  # solarize as a lookup table
 
 
 @pipeline_def(enable_checkpointing=True)
@@ -126,28 +127,27 @@ def _crop_resize(images, anchor, extent, mirror, size: int, antialias: bool):
 
 
 def _moco_colour(key):
-    """MoCo v3's key-view colour changes, each applied with its probability by neutral arguments
-    where not drawn: jitter and grayscale (saturation 0) as one colour twist, blur (a one-tap window
-    where not drawn), solarize. Where it differs from torchvision (the PyTorch loader): the twist
-    changes contrast about mid-grey (128), not the image's mean grey (a per-image mean would have to
-    come back from the GPU to the CPU to be an argument); it turns hue in YIQ space, which keeps the
-    luma, where HSV keeps the largest channel; and it applies the four changes in one fixed order,
-    not a random one."""
-    jitter = fn.random.coin_flip(probability=moco.JITTER_P)
-
-    def factor(strength: float):
-        return 1.0 + jitter * (fn.random.uniform(range=[1 - strength, 1 + strength]) - 1.0)
-
-    gray = fn.random.coin_flip(probability=moco.GRAY_P)
-    key = fn.color_twist(key, brightness=factor(moco.BRIGHTNESS), contrast=factor(moco.CONTRAST),
-                         saturation=factor(moco.SATURATION) * (1.0 - gray),
-                         hue=jitter * fn.random.uniform(range=[-moco.HUE * 360, moco.HUE * 360]))  # hue in degrees
+    """MoCo v3's key-view colour changes, each on the images its coin picks (pipeline conditionals):
+    jitter, grayscale (a colour twist to saturation 0), blur, solarize. Where they differ from
+    torchvision (the PyTorch loader): the twist changes contrast about mid-grey (128), not the
+    image's mean grey (a per-image mean would have to come back from the GPU to the CPU to be an
+    argument); it turns hue in YIQ space, which keeps the luma, where HSV keeps the largest channel;
+    and it applies the four jitter changes in one fixed order, not a random one."""
+    jitter, gray, blur, solarize = (fn.random.coin_flip(probability=p, dtype=types.BOOL)
+                                    for p in (moco.JITTER_P, moco.GRAY_P, moco.BLUR_P, moco.SOLARIZE_P))
+    factors = {name: fn.random.uniform(range=[1 - x, 1 + x]) for name, x in
+               [("brightness", moco.BRIGHTNESS), ("contrast", moco.CONTRAST), ("saturation", moco.SATURATION)]}
+    hue = fn.random.uniform(range=[-moco.HUE * 360, moco.HUE * 360])  # degrees
     sigma = fn.random.uniform(range=list(moco.BLUR_SIGMA))
-    blur = fn.random.coin_flip(probability=moco.BLUR_P)
-    taps = 1 + blur * 2 * fn.cast(dmath.ceil(3 * sigma), dtype=types.INT32)  # DALI's own window for sigma, or 1
-    key = fn.gaussian_blur(key, sigma=sigma, window_size=taps)
-    solarize = fn.random.coin_flip(probability=moco.SOLARIZE_P)
-    return fn.cast(key + solarize * (key >= moco.SOLARIZE_AT) * (255 - 2 * key), dtype=types.UINT8)  # [S, S, 3]
+    if jitter:
+        key = fn.color_twist(key, hue=hue, **factors)
+    if gray:
+        key = fn.color_twist(key, saturation=0.0)  # R = G = B = luma
+    if blur:
+        key = fn.gaussian_blur(key, sigma=sigma)
+    if solarize:
+        key = fn.lookup_table(key, keys=list(range(256)), values=SOLARIZED, dtype=types.UINT8)
+    return key  # [S, S, 3] uint8
 
 
 def _broken_files_error(broken: list[Finding]) -> DataError:
@@ -199,6 +199,7 @@ class DaliLoader:
             source=source, shard_id=rank, num_shards=world, size=size, scale=data.crop_scale,
             hflip=data.hflip, decode_device=self.decode, decoder_args=self._decoder_args(data),
             normalize=self.decode == "cpu", key_view=data.key_view, key_shift=data.key_shift,
+            enable_conditionals=data.key_view == "independent",  # the key's colour changes; same: the graph as it was
             seed=seed + 1 + rank,  # reader and augmentations
             batch_size=self.batch, num_threads=data.workers,
             device_id=self.device.index if self.device.type == "cuda" else None,

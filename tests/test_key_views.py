@@ -1,5 +1,6 @@
 """The momentum branch's own view (``data.key_view``): the config key, the PyTorch loader's draws
-and colour operations read off directly with seeded generators, and both loaders' outputs.
+and colour operations read off directly with seeded generators, both loaders' colour functions
+on noise (the blur), and both loaders' outputs.
 
 The crop, flip and colour statistics measured from the loaders' outputs (both loaders, DALI's
 stage cut included) are in ``test_augment.py``.
@@ -187,20 +188,39 @@ def test_fine_tuning_batches_ignore_the_key_view(photo_root):
 @pytest.mark.skipif(len(LOADERS) < 2, reason="DALI is not installed")
 @pytest.mark.parametrize("mode", MODES)
 def test_dali_mixed_decoder_graph_is_defined(photo_root, mode):
-    """The GPU path's graph (``mixed`` decode, uint8 out) is defined and serialised without a GPU: its
-    views come out of GPU operators, and every per-sample argument (boxes, flips, colour draws) comes
-    from a CPU one (DALI refuses a GPU argument as the graph is defined)."""
-    from nvidia.dali import Pipeline
-
+    """The GPU path's graph (``mixed`` decode, uint8 out) is defined and serialised without a GPU: DALI
+    refuses, as the graph is defined, a CPU operator fed by a GPU one, or a per-sample argument
+    (boxes, flips, colour draws) that lives on the GPU."""
     from symmim.data.dali_loader import MIXED_PREALLOCATION, _train_pipeline
 
-    pipe = Pipeline(batch_size=4, num_threads=1, device_id=None, enable_checkpointing=True)
-    with pipe:  # DALI checks each operator's inputs and arguments as the graph is defined
-        outputs = _train_pipeline.__wrapped__(
-            source=scan_imagefolder(photo_root / "train"), shard_id=0, num_shards=1, size=SIZE, scale=(0.2, 1.0),
-            hflip=True, decode_device="mixed", decoder_args={"hw_decoder_load": 0.65, **MIXED_PREALLOCATION},
-            normalize=False, key_view=mode, key_shift=SHIFT)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    assert [o.device for o in outputs] == ["gpu"] * (1 if mode == "same" else 2)
-    pipe.set_outputs(*outputs)
-    assert pipe.serialize()
+    pipe = _train_pipeline(source=scan_imagefolder(photo_root / "train"), shard_id=0, num_shards=1, size=SIZE,
+                           scale=(0.2, 1.0), hflip=True, decode_device="mixed", normalize=False, key_view=mode,
+                           decoder_args={"hw_decoder_load": 0.65, **MIXED_PREALLOCATION}, key_shift=SHIFT,
+                           enable_conditionals=mode == "independent", seed=1, batch_size=4, num_threads=1,
+                           device_id=None)
+    assert b"mixed" in pipe.serialize()
+
+
+def test_blurred_keys_at_moco_v3s_rate_in_both_loaders():
+    """The colour functions themselves on 400 noise images: a blurred key loses its pixel-to-pixel
+    differences against its spread (jitter and grayscale scale both alike). Expected: BLUR_P times
+    the share of sigmas in [0.1, 2] that visibly smooth noise, most of them."""
+    noise = np.random.default_rng(0).integers(0, 256, (400, SIZE, SIZE, 3), dtype=np.uint8)  # [n, S, S, 3]
+    keys = {"torch": np.stack([np.asarray(apply_colour(Image.fromarray(x), draw_colour(np.random.default_rng([2, i]))))
+                               for i, x in enumerate(noise)])}
+    if "dali" in LOADERS:
+        from nvidia.dali import fn, pipeline_def
+
+        from symmim.data.dali_loader import _moco_colour
+
+        @pipeline_def(batch_size=len(noise), num_threads=1, device_id=None, seed=3, enable_conditionals=True)
+        def colour():
+            return _moco_colour(fn.external_source(source=lambda: noise, batch=True, layout="HWC"))
+
+        pipe = colour()
+        pipe.build()
+        keys["dali"] = pipe.run()[0].as_array()
+    for name, key in keys.items():
+        key = key.astype(float)
+        sharpness = np.abs(np.diff(key, axis=2)).mean((1, 2, 3)) / (key.std((1, 2, 3)) + 1e-9)  # [n]; noise: ~1.13
+        assert 0.03 < (sharpness < 0.8).mean() < moco.BLUR_P + 0.04, name
