@@ -332,8 +332,10 @@ def validate(cfg: Config) -> None:
     for key in ("batch_size", "grad_accum", "epochs"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}: must be at least 1, got {getattr(t, key)}")
-    if not 0 <= cfg.data.key_shift < m.img_size:
-        raise ConfigError(f"data.key_shift: output pixels in [0, model.img_size {m.img_size}), got {cfg.data.key_shift}")
+    shift_limit = m.img_size if cfg.data.key_view == "shifted" else float("inf")
+    if not 0 <= cfg.data.key_shift < shift_limit:
+        raise ConfigError(f"data.key_shift: output pixels in [0, model.img_size {m.img_size}) with data.key_view "
+                          f"shifted, >= 0 otherwise; got {cfg.data.key_shift}")
     if not 0.0 <= cfg.data.hw_decoder_load <= 1.0:
         raise ConfigError(f"data.hw_decoder_load: a share in [0, 1], got {cfg.data.hw_decoder_load}")
     if cfg.loss.con_weight > 0 and t.batch_size < 2:
