@@ -1,8 +1,12 @@
-"""The DeepSpeed engine every trainer is built on: its config, generated from ours, and the dtypes."""
+"""The DeepSpeed engine every trainer is built on: its config, generated from ours, the dtypes, and
+what every trainer asks of it at a round's end (the global gradient norm, an update withheld)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from symmim.core.config import Config
 
@@ -47,3 +51,27 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config
 
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, fast))
     return engine, optimizer
+
+
+@contextmanager
+def update_withheld(optimizer: torch.optim.Optimizer, withhold: bool) -> Iterator[None]:
+    """DeepSpeed's engine step, with ``optimizer``'s update (the optimizer inside DeepSpeed's wrapper)
+    withheld when ``withhold``: the engine still ends the round (its counters, the gradients cleared)
+    but weights and moments stay. DeepSpeed skips a non-finite gradient itself, except on its fp32
+    ZeRO-0 path, and a non-finite loss need not give one."""
+    if not withhold:
+        yield
+        return
+    optimizer.step = lambda closure=None: None  # shadows the method for this one engine step
+    try:
+        yield
+    finally:
+        del optimizer.step
+
+
+def global_grad_norm(engine, device: torch.device) -> Tensor | None:
+    """The global gradient norm of the round just ended, before clipping, as the engine keeps it
+    (FusedAdamW's under ZeRO-0 on the fast step, DeepSpeed's optimizer's otherwise; None on
+    DeepSpeed's fp32 ZeRO-0 engine, which keeps none), a 0-dim fp32 tensor on ``device``."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else torch.as_tensor(norm, dtype=torch.float32, device=device)

@@ -8,6 +8,7 @@ steps the optimizer.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import ClassVar
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from symmim.core.classify import ViTClassifier, mix, soft_cross_entropy
 from symmim.core.config import Config
 from symmim.core.distributed import DistInfo, finite_on_every_rank
-from symmim.core.engine import DTYPES, build_engine
+from symmim.core.engine import DTYPES, build_engine, global_grad_norm, update_withheld
 from symmim.core.loop import Position
 from symmim.core.optim import LARS, layer_decay_groups, param_groups
 from symmim.core.pretrained import load_encoder_weights
@@ -39,6 +40,7 @@ class ClassifierTraining:
     smoothing: float
     seed: int
     rank: int
+    round_nonfinite: bool = dataclasses.field(default=False, init=False)  # a non-finite loss in this round
     loss_names: ClassVar[tuple[str, ...]] = ("loss",)
 
     @property
@@ -47,19 +49,25 @@ class ClassifierTraining:
         return self.engine.module
 
     def train_step(self, batch: tuple[Tensor, Tensor], lr: float, momentum: float, pos: Position) -> dict:
-        """Images ``[B, 3, S, S]`` and labels ``[B]``: one micro-batch (``momentum`` is unused: no EMA)."""
+        """Images ``[B, 3, S, S]`` and labels ``[B]``: one micro-batch (``momentum`` is unused: no EMA). A
+        non-finite loss on any rank skips its round's update as a whole; the round counts as a step."""
         images, labels = batch
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         rng = np.random.default_rng([self.seed, self.rank, pos.epoch, pos.micro])  # stateless: resumes exactly
         images, targets = mix(images, labels, self.num_classes, self.mixup, self.cutmix, self.smoothing, rng)  # [B, C]
         loss = soft_cross_entropy(self.engine(images), targets)
-        if not finite_on_every_rank(loss):  # a host sync: this step is not on the fast path
-            return {"loss": loss, "stepped": False, "skipped": torch.ones((), device=loss.device)}
+        self.round_nonfinite |= not finite_on_every_rank(loss)  # a host sync: this step is not on the fast path
         self.engine.backward(loss)
         stepped = self.engine.is_gradient_accumulation_boundary()
-        self.engine.step()
-        return {"loss": loss, "stepped": stepped, "skipped": torch.zeros((), device=loss.device)}
+        with update_withheld(getattr(self.optimizer, "optimizer", self.optimizer), stepped and self.round_nonfinite):
+            self.engine.step()
+        out = {"loss": loss, "stepped": stepped, "skipped": None, "grad_norm": None}
+        if stepped:
+            out["skipped"] = torch.tensor(float(self.round_nonfinite), device=loss.device)
+            out["grad_norm"] = global_grad_norm(self.engine, loss.device)
+            self.round_nonfinite = False
+        return out
 
     def state_dict(self) -> dict:
         return {}  # the engine's state and the loop's position are all of it

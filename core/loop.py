@@ -62,11 +62,11 @@ class Trainer(Protocol):
     loss_names: tuple[str, ...]  # the loss tensors ``train_step`` returns, in logging order
 
     def train_step(self, batch: Any, lr: float, momentum: float, pos: Position) -> dict:
-        """One micro-batch: the loss tensors, ``stepped`` (an optimizer step was taken or skipped:
-        the position advances) and ``skipped``: a 0-dim device tensor, 1 when the update was
-        skipped for a non-finite loss on some rank (then on every rank), or None when this
-        micro-batch decided nothing (mid-accumulation). A skip decided on the host comes with
-        ``stepped`` False: that micro-batch does not count toward a step."""
+        """One micro-batch: the loss tensors, ``stepped`` (it ended an accumulation round: the update
+        was made or skipped, and the position advances a step either way) and, at a round's end,
+        0-dim device tensors (None mid-round): ``skipped``, 1 when the round's update was skipped
+        for a non-finite loss or gradient on some rank (then on every rank), and ``grad_norm``,
+        the round's global gradient norm before clipping (None where the engine keeps none)."""
 
     def state_dict(self) -> dict:
         """State every rank shares (saved once, beside the engine's)."""
@@ -119,12 +119,13 @@ class StopSignals:
 
 
 class _Window:
-    """Loss sums, data wait and skipped updates over one logging interval; the sums, counts and the
-    run of skipped updates (which outlives a window) stay on the device until logged."""
+    """Loss sums, data wait, skipped updates and gradient norms over one logging interval; the sums,
+    counts and the run of skipped updates (which outlives a window) stay on the device until logged."""
 
     def __init__(self, names: tuple[str, ...], device: torch.device):
         self.names = names
-        self.stats = torch.zeros(len(names) + 2, device=device)  # loss sums, finite micro-batches, skipped updates
+        # loss sums, finite micro-batches, skipped updates, sum of finite gradient norms, their count
+        self.stats = torch.zeros(len(names) + 4, device=device)
         self.streak = torch.zeros((), device=device)  # updates skipped in a row
         self.reset()
 
@@ -133,13 +134,19 @@ class _Window:
         self.start, self.wait, self.micro = time.perf_counter(), 0.0, 0
 
     def add(self, out: dict) -> None:
+        k = len(self.names)
         losses = torch.stack([out[n] for n in self.names]).detach().float()  # [K]
         finite = torch.isfinite(losses[0])
-        self.stats[:-2] += torch.where(finite, losses, 0.0)
-        self.stats[-2] += finite
+        self.stats[:k] += torch.where(finite, losses, 0.0)
+        self.stats[k] += finite
         if out["skipped"] is not None:
-            self.stats[-1] += out["skipped"]
+            self.stats[k + 1] += out["skipped"]
             self.streak = (self.streak + out["skipped"]) * out["skipped"]
+        if out.get("grad_norm") is not None:
+            norm = out["grad_norm"]
+            finite_norm = torch.isfinite(norm)
+            self.stats[k + 2] += torch.where(finite_norm, norm, 0.0)
+            self.stats[k + 3] += finite_norm
         self.micro += 1
 
 
@@ -213,8 +220,6 @@ class TrainLoop:
             pos.micro += 1
             window.add(out)
             if not out["stepped"]:
-                if out["skipped"] is not None:  # skipped on the host's decision: the run of skips is known now
-                    self._read_window(check_only=True)
                 continue
             pos.step += 1
             pos.wall_s = self.wall_at_start + time.perf_counter() - self.session_start
@@ -249,29 +254,31 @@ class TrainLoop:
     def _epoch_float(self) -> float:
         return self.pos.epoch + self.pos.micro / self.schedule.micro_per_epoch
 
-    def _read_window(self, check_only: bool = False) -> tuple[list[float], int]:
-        """The window's mean losses and skipped updates (averaged over ranks: one host sync); raises
-        TrainingError, after a debug checkpoint, once ``train.max_nonfinite`` updates in a row were skipped."""
-        w = self.window
-        stats = mean_across_ranks(torch.cat([w.stats, w.streak[None]]))  # [K sums, finite, skipped, streak]
-        *means, skipped, streak = torch.cat([stats[:-3] / stats[-3].clamp(min=1.0), stats[-2:]]).tolist()
+    def _read_window(self) -> tuple[list[float], int, float | None]:
+        """The window's mean losses, skipped updates and mean gradient norm of its finite rounds (None
+        without one), averaged over ranks (one host sync); raises TrainingError, after a debug
+        checkpoint, once ``train.max_nonfinite`` updates in a row were skipped."""
+        w, k = self.window, len(self.window.names)
+        stats = mean_across_ranks(torch.cat([w.stats, w.streak[None]])).tolist()  # [K sums, finite, skipped, norms, n, streak]
+        finite, skipped, norm_sum, norms, streak = stats[k:]
+        means = [s / max(finite, 1.0) for s in stats[:k]]
         if streak >= self.train.max_nonfinite:
             path = self._checkpoint(self.run_dir / "debug")
             raise TrainingError(f"loss non-finite for {int(streak)} updates in a row, last at step {self.pos.step}; "
                                 f"debug checkpoint: {path}")
-        if skipped and not check_only:
+        if skipped:
             log.warning("non-finite loss: %d update(s) skipped in the %d micro-batches up to step %d", skipped,
                         w.micro, self.pos.step)
-        return means, int(skipped)
+        return means, int(skipped), norm_sum / norms if norms else None
 
     def _log_window(self) -> None:
         w, world = self.window, self.dist.world
-        means, skipped = self._read_window()
+        means, skipped, grad_norm = self._read_window()
         elapsed = time.perf_counter() - w.start
         img_per_s = w.micro * self.train.batch_size * world / elapsed
         record = {"step": self.pos.step, "epoch": self._epoch_float(), **dict(zip(w.names, means)), "lr": self.lr,
-                  "img_per_s": img_per_s, "data_wait_frac": w.wait / elapsed, "nonfinite_skipped": skipped,
-                  "wall_s": self.pos.wall_s}
+                  **({"grad_norm": grad_norm} if grad_norm is not None else {}), "img_per_s": img_per_s,
+                  "data_wait_frac": w.wait / elapsed, "nonfinite_skipped": skipped, "wall_s": self.pos.wall_s}
         if self.flops_per_image and self.peak_flops:
             record["mfu"] = self.flops_per_image * img_per_s / world / self.peak_flops
         self.metrics.log(record)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -20,7 +18,7 @@ from torch import Tensor
 
 from symmim.core.config import Config
 from symmim.core.distributed import DistInfo, all_gather, finite_on_every_rank
-from symmim.core.engine import DTYPES, build_engine, fast_step
+from symmim.core.engine import DTYPES, build_engine, fast_step, global_grad_norm, update_withheld
 from symmim.core.loop import Position
 from symmim.core.masking import Mask, MaskGenerator
 from symmim.core.optim import build_optimizer
@@ -93,7 +91,7 @@ class Training:
         """
         out = self.forward_backward(images, timer)
         out["stepped"], out["skipped"] = self.optimizer_step(lr, ema_momentum, timer)
-        out["grad_norm"] = self._grad_norm() if out["stepped"] else None
+        out["grad_norm"] = global_grad_norm(self.engine, self.dist.device) if out["stepped"] else None
         return out
 
     def forward_backward(self, images: Tensor, timer: PhaseTimer | None = None) -> dict:
@@ -135,7 +133,7 @@ class Training:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         stepped = self.engine.is_gradient_accumulation_boundary()
-        with self._update_withheld(stepped and self.round_nonfinite):
+        with update_withheld(self.base_optimizer, stepped and self.round_nonfinite):
             self.engine.step()
         mark("optimizer")
         if not stepped:
@@ -145,22 +143,6 @@ class Training:
             self._ema_update(ema_momentum, no_update)
             mark("ema")
         return True, skipped
-
-    @contextmanager
-    def _update_withheld(self, withhold: bool) -> Iterator[None]:
-        """DeepSpeed's engine step, with our optimizer's update withheld when ``withhold``: the engine
-        still ends the round (its counters, the gradients cleared) but weights and moments stay.
-        DeepSpeed skips a non-finite gradient itself, except on its fp32 ZeRO-0 path, and a
-        non-finite loss need not give one."""
-        if not withhold:
-            yield
-            return
-        base = self.base_optimizer
-        base.step = lambda closure=None: None  # shadows the method for this one engine step
-        try:
-            yield
-        finally:
-            del base.step
 
     def _skipped(self) -> tuple[Tensor, Tensor]:
         """At a round's end, 0-dim tensors on the device: ``(skipped, no_update)``. ``no_update``: the
@@ -174,12 +156,6 @@ class Training:
         skipped = nonfinite or (overflow and self.dtype != torch.float16)
         device = self.dist.device
         return torch.tensor(float(skipped), device=device), torch.tensor(float(nonfinite or overflow), device=device)
-
-    def _grad_norm(self) -> Tensor | None:
-        """The global gradient norm of the round just ended, before clipping, as the engine keeps it
-        (FusedAdamW's under ZeRO-0 on the fast step, DeepSpeed's optimizer's otherwise)."""
-        norm = self.engine.get_global_grad_norm()
-        return None if norm is None else torch.as_tensor(norm, dtype=torch.float32, device=self.dist.device)
 
     @property
     def base_optimizer(self) -> torch.optim.Optimizer:

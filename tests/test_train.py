@@ -31,8 +31,9 @@ def test_single_process_run_learns_and_leaves_a_complete_run_folder(embedded_cac
     records = metrics(run_dir)
     knn = [r for r in records if "knn_top1" in r]
     records = [r for r in records if "loss" in r]
-    for key in ("step", "epoch", "loss", "loss_mim", "loss_con", "lr", "img_per_s", "data_wait_frac"):
+    for key in ("step", "epoch", "loss", "loss_mim", "loss_con", "lr", "grad_norm", "img_per_s", "data_wait_frac"):
         assert key in records[0]
+    assert all(0 < r["grad_norm"] < 1e3 for r in records)  # the mean global norm of the window's rounds
     assert [(r["step"], r["epoch"]) for r in knn] == [(31, 1.0), (62, 2.0)]  # periodic kNN at epoch ends
     assert 0 < knn[0]["wall_s"] < knn[1]["wall_s"]
     # The periodic kNN is the one symmim-knn computes from the checkpoint of the same step.
