@@ -31,6 +31,7 @@ from symmim.core.config import load_config
 from symmim.core.distributed import init_distributed, pick_device
 from symmim.core.flops import peak_flops, train_flops_per_image
 from symmim.core.pretrain_step import PhaseTimer, build_training
+from symmim.data.views import Views
 
 VARIANTS = {"symmim": [], "random75": ["mask.strategy=random", "mask.ratio=0.75", "loss.con_weight=0"]}
 SYSTEMS = {
@@ -49,6 +50,8 @@ def _batches(cfg, dist, synthetic: bool):
     """Endless training batches: one device-resident random batch, or the configured loader."""
     if synthetic:
         images = torch.randn(cfg.train.batch_size, 3, cfg.model.img_size, cfg.model.img_size, device=dist.device)
+        if cfg.data.key_view != "same":  # the momentum branch's view of its own
+            images = Views(images, torch.randn_like(images))
         while True:
             yield images
     from symmim.data.loader import build_train_loader

@@ -23,6 +23,7 @@ from symmim.core.loop import Position
 from symmim.core.masking import Mask, MaskGenerator
 from symmim.core.optim import build_optimizer
 from symmim.core.symmim import MomentumBranch, SymMIM
+from symmim.data.views import Views
 from symmim.kernels.dispatch import Backends, resolve_backends
 
 
@@ -79,8 +80,9 @@ class Training:
     round_nonfinite: bool = dataclasses.field(default=False, init=False)  # DeepSpeed's engine: a non-finite loss this round
     loss_names: ClassVar[tuple[str, ...]] = ("loss", "loss_mim", "loss_con")
 
-    def step(self, images: Tensor, lr: float, ema_momentum: float, timer: PhaseTimer | None = None) -> dict:
-        """One micro-batch ``[B, 3, S, S]``: :meth:`forward_backward`, then :meth:`optimizer_step`.
+    def step(self, images: Tensor | Views, lr: float, ema_momentum: float, timer: PhaseTimer | None = None) -> dict:
+        """One micro-batch ``[B, 3, S, S]`` (or its :class:`~symmim.data.views.Views`: the online view and
+        the momentum branch's own, ``data.key_view``): :meth:`forward_backward`, then :meth:`optimizer_step`.
 
         Returns the loss tensors, ``stepped`` (this micro-batch ended an accumulation round: the
         update was made or skipped, and the step counts either way) and, at a round's end, 0-dim
@@ -94,8 +96,9 @@ class Training:
         out["grad_norm"] = global_grad_norm(self.engine, self.dist.device) if out["stepped"] else None
         return out
 
-    def forward_backward(self, images: Tensor, timer: PhaseTimer | None = None) -> dict:
-        """Masks, momentum keys (gathered from every rank), forward and backward of ``images`` ``[B, 3, S, S]``.
+    def forward_backward(self, images: Tensor | Views, timer: PhaseTimer | None = None) -> dict:
+        """Masks, momentum keys (gathered from every rank, from the key view), forward and backward of
+        ``images`` ``[B, 3, S, S]`` (or their :class:`~symmim.data.views.Views`).
 
         Fast step: a non-finite loss gets a NaN gradient (its backward is scaled by NaN), so the
         gradient norm is non-finite and the round's update is skipped where that norm is checked.
@@ -104,13 +107,14 @@ class Training:
         DeepSpeed reduces the gradients (ZeRO 1-3); under ZeRO-0 the optimizer does, in its step.
         """
         mark = timer.mark if timer else (lambda phase: None)
-        batch = images.shape[0]
+        online, key = (images.online, images.key) if isinstance(images, Views) else (images, images)  # [B, 3, S, S]
+        batch = online.shape[0]
         keys = None
         if self.momentum is not None:
-            keys = all_gather(self.momentum(images, self.masks.momentum(batch), self.dtype))  # [W*B, E]
+            keys = all_gather(self.momentum(key, self.masks.momentum(batch), self.dtype))  # [W*B, E]
             mark("momentum_forward")
         with torch.autocast(self.dist.device.type, dtype=self.dtype, enabled=self.autocast):
-            out = self.engine(images, self.masks.online(batch), keys, self.dist.rank * batch)
+            out = self.engine(online, self.masks.online(batch), keys, self.dist.rank * batch)
         loss = out["loss"]
         if self.fast:
             value = loss.detach()
@@ -175,7 +179,7 @@ class Training:
         weights = f"{precision} weights, fp32 masters" if self.dtype != torch.float32 else "fp32 weights"
         return f"step: fast, {weights} in a fused AdamW, no host sync"
 
-    def train_step(self, images: Tensor, lr: float, momentum: float, pos: Position) -> dict:
+    def train_step(self, images: Tensor | Views, lr: float, momentum: float, pos: Position) -> dict:
         """:meth:`step` as ``core.loop`` calls it (the position does not change the step)."""
         return self.step(images, lr, momentum)
 

@@ -57,6 +57,10 @@ def plan(cfg: Config, batches_per_epoch: int, world: int) -> Schedule:
 
 def train(cfg: Config, folder: RunFolder, dist: DistInfo) -> None:
     t = cfg.train
+    if cfg.data.key_view != "same" and cfg.loss.con_weight == 0:
+        log.warning("data.key_view=%s: no momentum branch takes it (loss.con_weight=0); the loader makes one view",
+                    cfg.data.key_view)
+        cfg.data.key_view = "same"
     # The data set and the checkpoint to resume are checked before anything is written or built.
     loader = build_train_loader(cfg.data, cfg.model.img_size, t.batch_size, t.seed, dist.rank, dist.world, dist.device)
     folder.check_shared(dist)

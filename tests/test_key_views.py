@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import sys
 
 import numpy as np
 import pytest
@@ -224,3 +225,30 @@ def test_blurred_keys_at_moco_v3s_rate_in_both_loaders():
         key = key.astype(float)
         sharpness = np.abs(np.diff(key, axis=2)).mean((1, 2, 3)) / (key.std((1, 2, 3)) + 1e-9)  # [n]; noise: ~1.13
         assert 0.03 < (sharpness < 0.8).mean() < moco.BLUR_P + 0.04, name
+
+
+def test_the_momentum_branch_encodes_the_key_view_and_the_online_branch_the_online_view():
+    from symmim.core.distributed import init_distributed
+    from symmim.core.pretrain_step import build_training
+
+    cfg = load_config("tiny_cpu", ["train.device=cpu", "train.batch_size=4", "data.key_view=independent"])
+    tr = build_training(cfg, init_distributed("cpu"))
+    seen = {}
+    momentum_forward, engine_forward = tr.momentum.forward, tr.engine.forward
+    tr.momentum.forward = lambda images, *a: seen.setdefault("key", images) is not None and momentum_forward(images, *a)
+    tr.engine.forward = lambda images, *a: seen.setdefault("online", images) is not None and engine_forward(images, *a)
+    g = torch.Generator().manual_seed(0)
+    online, key = (torch.randn(4, 3, 64, 64, generator=g) for _ in range(2))
+    out = tr.step(Views(online, key), 1e-3, 0.99)
+    assert seen["key"] is key and seen["online"] is online and torch.isfinite(out["loss"])
+
+
+def test_a_pretraining_run_with_an_independent_key_view(embedded_cache, tmp_path):
+    from pretrain_runs import PRETRAIN, metrics, quiet, run
+
+    run_dir = tmp_path / "run"
+    proc = run([sys.executable, PRETRAIN, *quiet(embedded_cache, "data.key_view=independent", "train.max_steps=3",
+                                                 "train.batch_size=16", "log.every_steps=1", "log.recon_images=0"),
+                "--output-dir", str(run_dir)])
+    assert "decode=cpu" in proc.stderr and [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
+    assert all(r["loss_con"] > 0 for r in metrics(run_dir))
