@@ -225,8 +225,8 @@ def parser():
     p.add_argument("--finetune-config", default=str(configs / "finetune_ablation.yaml"),
                    help="fine-tuning preset of every encoder")
     p.add_argument("--dataset", default="embedded", help="embedded, digits, or an ImageFolder root (train/, val/)")
-    p.add_argument("--minutes", type=float, default=0.6, help="time mode: training minutes of each pre-training")
-    p.add_argument("--epochs", nargs="+", type=int, default=[4], help="epochs mode: epochs of each pre-training, "
+    p.add_argument("--minutes", type=float, default=0.4, help="time mode: training minutes of each pre-training")
+    p.add_argument("--epochs", nargs="+", type=int, default=[3], help="epochs mode: epochs of each pre-training, "
                    "one budget per value")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -65,7 +65,7 @@ def test_the_default_variants_are_the_table_and_a_dataset_reaches_every_command(
     folder = _plan(capsys, "--dataset", str(tmp_path / "sub" / "in100"), "--variants", "random75", "--modes", "time",
                    "--seeds", "0", "--runs-dir", str(tmp_path))
     assert all(f"data.root={tmp_path / 'sub' / 'in100'}" in _sets(c) for c in folder)
-    assert folder[0][folder[0].index("--output-dir") + 1] == str(tmp_path / "in100" / "0.6_min-random75-0")
+    assert folder[0][folder[0].index("--output-dir") + 1] == str(tmp_path / "in100" / "0.4_min-random75-0")
 
 
 def _run(knn: float, linprobe: float, finetune: float, seed: int = 0) -> dict:
