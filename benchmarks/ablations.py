@@ -3,7 +3,7 @@ epochs over several seeds, each encoder judged by kNN, a linear probe and fine-t
 each (mean and spread), epochs done and seconds per epoch.
 
     python benchmarks/ablations.py --json benchmarks/results/cpu_ablations.json
-    python benchmarks/ablations.py --dataset digits --minutes 0.4 --json benchmarks/results/cpu_ablations_digits.json
+    python benchmarks/ablations.py --dataset digits --minutes 0.3 --json benchmarks/results/cpu_ablations_digits.json
     python benchmarks/ablations.py --variants "fixed phase" --extend --json benchmarks/results/cpu_ablations.json
     python benchmarks/ablations.py --variants symmim random75 --modes time --dry-run
 
@@ -31,6 +31,7 @@ and take the rest from the preset: tau 0.2, EMA 0.99 -> 1, BatchNorm heads, CLS,
 ``shifted``. ``--variants table`` (the default) is the README's table, ``all`` every variant.
 ``--extend`` adds variants to an existing ``--json`` of the same plan instead of starting a new
 table; the JSON is rewritten after every run, so an interruption loses only the run in progress.
+What a table costs on 2 CPU cores: README, "SymMIM at small scale", "How we measured".
 """
 from __future__ import annotations
 
@@ -130,8 +131,9 @@ def run_commands(budget: list[str], name: str, variant: str, seed: int, args) ->
     run_dir = Path(args.runs_dir) / Path(args.dataset).name / re.sub(r"[^\w.-]+", "_", f"{name}-{variant}-{seed}")
     shared = [*args.set, f"train.seed={seed}"]
     pretrain = launch_command("pretrain", args.config, run_dir, [*VARIANTS[variant], *budget, *shared], args.device)
-    return {"pretrain": pretrain, **{e: launch_command(e, getattr(args, f"{e}_config"), run_dir / e, shared, args.device,
-                                                        weights=run_dir) for e in EVALUATIONS}}
+    evaluations = {e: launch_command(e, getattr(args, f"{e}_config"), run_dir / e, shared, args.device, weights=run_dir)
+                   for e in EVALUATIONS}
+    return {"pretrain": pretrain, **evaluations}
 
 
 def execute(commands: dict[str, list[str]]) -> dict:
@@ -162,7 +164,8 @@ def summarise(runs: list[dict]) -> dict:
     out = {}
     for metric in METRICS:
         top1 = [r[f"{metric}_top1"] for r in runs]
-        out.update({f"{metric}_mean": statistics.mean(top1), f"{metric}_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+        out.update({f"{metric}_mean": statistics.mean(top1),
+                    f"{metric}_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
                     f"{metric}_min": min(top1), f"{metric}_max": max(top1)})
     return {**out, "epochs_mean": statistics.mean(r["epochs"] for r in runs),
             "s_per_epoch": statistics.mean(r["s_per_epoch"] for r in runs),
@@ -177,8 +180,9 @@ def plot(path: Path, record: dict) -> None:
     import matplotlib.pyplot as plt
 
     labels = list(record["summary"])
-    fig, axes = plt.subplots(len(labels), len(METRICS), figsize=(4.5 * len(METRICS), 0.4 * len(labels) * (
-        3 + len(record["variants"]))), squeeze=False)
+    row_height = 1.2 + 0.3 * len(record["variants"])
+    fig, axes = plt.subplots(len(labels), len(METRICS), figsize=(4.5 * len(METRICS), row_height * len(labels)),
+                             squeeze=False)
     for row, label in zip(axes, labels):
         rows = record["summary"][label]
         names = list(rows)
@@ -230,9 +234,10 @@ def parser():
                    "one budget per value")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    others = [v for v in VARIANTS if v not in GROUPS["table"]]
     p.add_argument("--variants", nargs="+", choices=[*GROUPS, *VARIANTS], default=["table"], metavar="VARIANT",
-                   help=f"variants or groups of them ({', '.join(GROUPS)}); default table: {', '.join(GROUPS['table'])}; "
-                        f"the others: {', '.join(v for v in VARIANTS if v not in GROUPS['table'])}")
+                   help=f"variants or groups of them ({' | '.join(GROUPS)}); default table: "
+                        f"{' | '.join(GROUPS['table'])}; the others: {' | '.join(others)}")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "ablations"), help="one folder per run (replaced)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every run, pre-training and evaluations")
@@ -291,7 +296,8 @@ def record(args, previous: dict, plan_budgets: dict[str, list[str]], runs: dict[
             "commands": [*previous.get("commands", []), shlex.join(["python", *sys.argv])],
             **same_plan(args), "budgets": plan_budgets,
             "variants": {v: VARIANTS[v] for rs in runs.values() for v in rs},
-            "summary": {label: {v: summarise(rs) for v, rs in by_variant.items()} for label, by_variant in runs.items()},
+            "summary": {label: {v: summarise(rs) for v, rs in by_variant.items()}
+                        for label, by_variant in runs.items()},
             "runs": runs}
 
 

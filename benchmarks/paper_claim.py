@@ -92,7 +92,8 @@ def estimate() -> tuple[dict, list[dict]]:
         gflop = passes * encoder_flops(cfg, (cfg.model.img_size // cfg.model.patch_size) ** 2) / 1e9
         runs = len(VARIANTS) * len(EPOCHS)
         out.append({"run": f"{name}, {runs} x {cfg.finetune.epochs} epochs", "gflop_per_img": gflop,
-                    "img_per_s": gflop_s / gflop, "hours": runs * TRAIN_IMAGES * cfg.finetune.epochs * gflop / gflop_s / 3600})
+                    "img_per_s": gflop_s / gflop,
+                    "hours": runs * TRAIN_IMAGES * cfg.finetune.epochs * gflop / gflop_s / 3600})
     total = {"run": "total", "hours": sum(r["hours"] for r in out),
              "hours_at_vit_b_img_s": sum(r.get("hours_at_vit_b_img_s", r["hours"]) for r in out)}
     return measured, [*out, total]
@@ -101,7 +102,8 @@ def estimate() -> tuple[dict, list[dict]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Other arguments go to benchmarks/ablations.py (see its --help).")
-    p.add_argument("--imagenet", type=Path, help="ImageNet-1K tree (train/<wnid>/, val/<wnid>/) to build the subset from")
+    p.add_argument("--imagenet", type=Path,
+                   help="ImageNet-1K tree (train/<wnid>/, val/<wnid>/) to build the subset from")
     p.add_argument("--data-root", type=Path, default=ROOT / "runs" / "paper_claim" / "imagenet100",
                    help="the ImageNet-100 ImageFolder the runs read (built here by --imagenet)")
     p.add_argument("--estimate", action="store_true", help="print the expected GPU-hours and exit")
