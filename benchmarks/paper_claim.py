@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog="Other arguments go to benchmarks/ablations.py (see its --help).")
     p.add_argument("--imagenet", type=Path,
                    help="ImageNet-1K tree (train/<wnid>/, val/<wnid>/) to build the subset from")
-    p.add_argument("--data-root", type=Path, default=ROOT / "runs" / "paper_claim" / "imagenet100",
+    p.add_argument("--data-root", type=Path, default=ROOT / "runs" / "imagenet100",
                    help="the ImageNet-100 ImageFolder the runs read (built here by --imagenet)")
     p.add_argument("--estimate", action="store_true", help="print the expected GPU-hours and exit")
     p.add_argument("--cpu-check", action="store_true", help="the plan on CPU: micro model, embedded set, 2 steps a run")

@@ -182,6 +182,11 @@ def test_the_paper_claim_plan(capsys, tmp_path):
     assert {c[c.index("--config") + 1].rsplit("/", 1)[1] for c in commands if c not in pretrains} == {
         "finetune_vit_s16_in100.yaml", "linprobe_vit_s16_in100.yaml"}
     assert all(f"data.root={tmp_path / 'in100'}" in _sets(c) and "train.seed=0" in _sets(c) for c in commands)
+    assert paper_claim.main(["--dry-run"]) == 0  # the default subset lies outside the run folders
+    run_dirs = {c[c.index("--output-dir") + 1] for line in capsys.readouterr().out.splitlines()
+                if (c := shlex.split(line)) and _launcher(c) == "pretrain"}
+    data_root = str(paper_claim.ROOT / "runs" / "imagenet100")
+    assert len(run_dirs) == 4 and not any(d.startswith(data_root + "/") for d in run_dirs)
 
 
 @pytest.mark.slow
