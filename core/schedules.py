@@ -59,7 +59,7 @@ class Schedule:
         if max_steps:
             total = min(total, max_steps)
         return cls(micro, accum, epochs, total, int(warmup_epochs * steps_per_epoch),
-                   lr or base_lr * global_batch / 256, min_lr, *momentum)
+                   base_lr * global_batch / 256 if lr is None else lr, min_lr, *momentum)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -6,7 +6,7 @@ import torch
 
 from symmim.core.config import load_config
 from symmim.core.optim import FusedAdamW, build_optimizer, param_groups
-from symmim.core.schedules import lr_at, momentum_at
+from symmim.core.schedules import Schedule, lr_at, momentum_at
 from symmim.core.symmim import SymMIM
 from symmim.kernels.dispatch import Backends
 
@@ -52,6 +52,14 @@ def test_lr_depends_on_step_only():
     a = [lr_at(s, TOTAL, WARMUP, PEAK, FINAL) for s in range(TOTAL)]
     b = [lr_at(s, TOTAL, WARMUP, PEAK, FINAL) for s in reversed(range(TOTAL))][::-1]
     assert a == b
+
+
+@pytest.mark.parametrize("lr,peak", [(None, 1.5e-4 * 512 / 256), (2e-3, 2e-3), (0.0, 0.0)])
+def test_peak_lr_is_the_absolute_lr_when_set_even_zero(lr, peak):
+    """``optim.lr`` set (0 included: the ablations' untrained floor) is the peak; unset, base_lr x batch / 256."""
+    plan = Schedule.plan(10, 1, 2, 0, 512, lr, 1.5e-4, 1, 0.0)
+    assert plan.peak_lr == pytest.approx(peak, rel=1e-12, abs=0)
+    assert max(plan.lr(s) for s in range(plan.total_steps)) == pytest.approx(peak, rel=1e-12, abs=0)
 
 
 # ---------------------------------------------------------------- momentum
