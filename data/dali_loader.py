@@ -201,14 +201,14 @@ class DaliLoader:
             normalize=self.decode == "cpu", key_view=data.key_view, key_shift=data.key_shift,
             enable_conditionals=data.key_view == "independent",  # the key's colour changes; same: the graph as it was
             seed=seed + 1 + rank,  # reader and augmentations
-            batch_size=self.batch, num_threads=data.workers,
+            batch_size=self.batch, num_threads=max(1, data.workers),  # 0 (no worker processes): one thread
             device_id=self.device.index if self.device.type == "cuda" else None,
         )
         self.stats = pixel_stats(self.device) if self.decode == "mixed" else None  # uint8 arrives: the GPU normalises
         self.outputs = ["images"] if data.key_view == "same" else list(Views._fields)
         self._restored = False
         self._iterator = self._make_iterator(None)
-        self.name = f"DALI ({data.format}, {data.workers} threads, decode={self.decode})"
+        self.name = f"DALI ({data.format}, {max(1, data.workers)} threads, decode={self.decode})"
 
     def _decoder_args(self, data: DataConfig) -> dict:
         """The ``mixed`` decoder's tuning (``data.hw_decoder_load``, ``data.decoder_prealloc``); none on CPU."""

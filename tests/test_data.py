@@ -131,6 +131,20 @@ def test_dali_next_epoch_is_complete_after_an_epoch_cut_short(colour_folder):
     assert len(second) == len(set(second)) == 20
 
 
+def test_dali_with_no_workers_decodes_on_one_thread(colour_folder):
+    """``data.workers=0`` (the torch loader's "in the main process") gives DALI one thread, not a
+    pipeline that can only be serialised."""
+    from symmim.data.dali_loader import DaliLoader
+
+    items = scan_imagefolder(colour_folder)
+    cfg = load_config(None, ["data.loader=dali", "train.batch_size=4", "data.workers=0", "model.img_size=16",
+                             "model.patch_size=8"])
+    loader = DaliLoader(items, len(items), cfg.data, 16, 4, 0, 0, 2, torch.device("cpu"))
+    assert "1 threads" in loader.name
+    epoch = [i for b in loader.epoch(0) for i in _ids(b)]
+    assert len(epoch) == len(set(epoch)) == 20
+
+
 def test_excluded_files_are_skipped(colour_folder, tmp_path):
     from symmim.data.folder import read_exclusions
 
