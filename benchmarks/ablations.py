@@ -25,7 +25,8 @@ the seed and ``--set`` (the model, the data, ...) apply to pre-training and eval
 a cheaper variant gets further along it); ``epochs`` mode runs each of ``--epochs`` epochs whatever
 they cost, the schedule spanning them. Variants change only what they name: the mask, the
 contrastive weight, temperature and EMA schedule, the heads' BatchNorm and the token they read,
-the momentum branch's view (``data.key_view``). ``symmim`` and the variants of it pin lambda 1 (the
+the momentum branch's view (``data.key_view``); ``untrained (lr 0)`` judges the seed's initial
+encoder, the floor every evaluation starts from. ``symmim`` and the variants of it pin lambda 1 (the
 ViT presets'; ``tiny_cpu`` trains with 0.1) and the key view ``same`` unless they name another,
 and take the rest from the preset: tau 0.2, EMA 0.99 -> 1, BatchNorm heads, CLS, the shift of
 ``shifted``. ``--variants table`` (the default) is the README's table, ``all`` every variant.
@@ -69,10 +70,12 @@ VARIANTS = {
     "EMA 0.996 -> 1": [*SYMMIM, "loss.momentum=0.996"],
     "heads without BatchNorm": [*SYMMIM, "model.head_bn=false"],
     "mean token to the heads": [*SYMMIM, "model.con_token=mean"],
+    # the floor: the seed's initial encoder (at lr 0 AdamW moves no weight, its decay scales with lr)
+    "untrained (lr 0)": ["optim.lr=0", *RANDOM, "mask.ratio=0.75"],
 }
 GROUPS = {
     "table": ["symmim", "symmim, key view independent", "symmim, key view shifted", "random75", "random50",
-              "symmetric, no contrastive"],
+              "symmetric, no contrastive", "untrained (lr 0)"],
     "all": list(VARIANTS),
 }
 MODES = ("time", "epochs")
