@@ -32,7 +32,7 @@ and take the rest from the preset: tau 0.2, EMA 0.99 -> 1, BatchNorm heads, CLS,
 ``shifted``. ``--variants table`` (the default) is the README's table, ``all`` every variant.
 ``--extend`` adds variants to an existing ``--json`` of the same plan instead of starting a new
 table; the JSON is rewritten after every run, so an interruption loses only the run in progress.
-What a table costs on 2 CPU cores: README, "SymMIM at small scale", "How we measured".
+What a table costs on 2 CPU cores: README, "SymMIM at small scale", "What a table costs".
 """
 from __future__ import annotations
 
