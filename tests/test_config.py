@@ -358,3 +358,19 @@ def test_contrastive_needs_two_images_per_process():
     with pytest.raises(ConfigError, match="train.batch_size"):
         load_config(None, ["train.batch_size=1"])
     assert load_config(None, ["train.batch_size=1", "loss.con_weight=0"]).train.batch_size == 1
+
+
+@pytest.mark.parametrize("overrides,warned", [
+    (["train.grad_accum=8"], False),  # the fast step sums in fp32
+    (["train.grad_accum=8", "train.fast_step=false"], True),  # DeepSpeed's bf16 engine sums in bf16
+    (["train.fast_step=false"], False),  # one micro-batch: nothing is summed
+    (["train.grad_accum=8", "train.fast_step=false", "train.precision=fp32"], False),
+])
+def test_a_bf16_sum_of_micro_batches_is_named_where_it_happens(overrides, warned):
+    from symmim.core.engine import bf16_sums_warning, fast_step
+
+    cfg = load_config(None, overrides)
+    warning = bf16_sums_warning(cfg, fast_step(cfg))
+    assert (warning is not None) == warned
+    if warned:
+        assert "train.grad_accum=8" in warning and "bf16" in warning
