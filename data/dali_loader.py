@@ -296,10 +296,16 @@ class DaliLoader:
 
     def load_state_dict(self, state: dict | None) -> None:
         """Restore DALI's own checkpoint. None (written by another number of processes, whose shards
-        differ): the next epoch call starts at its ``start_step`` from a fresh pass over this rank's
-        shard, so the epoch keeps its length in images while the rest of its order is drawn anew."""
-        if state is None:
-            self._restored = True
-        elif "dali" in state:
-            self._iterator = self._make_iterator(state["dali"])
+        differ), or one from a pipeline of other data settings (``data.key_view`` changed on resume):
+        the next epoch call starts at its ``start_step`` from a fresh pass over this rank's shard, so
+        the epoch keeps its length in images while the rest of its order is drawn anew."""
+        if state is not None and "dali" in state:
+            try:
+                self._iterator = self._make_iterator(state["dali"])
+            except RuntimeError as err:
+                if "another pipeline" not in str(err):
+                    raise
+                log.warning("the data loader's checkpoint is from a pipeline of other data settings "
+                            "(data.key_view?); this epoch goes on over a fresh pass of the shard")
+        if state is None or "dali" in state:
             self._restored = True

@@ -110,6 +110,23 @@ def test_dali_resumes_mid_epoch_from_its_checkpoint(colour_folder, key_view):
     assert all(_equal(a, b) for a, b in zip(tail, again)) and len(again) == len(tail)
 
 
+def test_dali_checkpoint_of_another_key_view_resumes_over_a_fresh_pass(colour_folder, caplog):
+    """A resume that changes ``data.key_view`` changes DALI's graph, which cannot take the old
+    graph's checkpoint: the epoch goes on at its step over a fresh pass, with a warning."""
+    from symmim.data.dali_loader import DaliLoader
+
+    items = scan_imagefolder(colour_folder)
+    loader = DaliLoader(items, len(items), _cfg("dali", "same").data, 16, 4, 0, 0, 2, torch.device("cpu"))
+    batches = loader.epoch(0)
+    next(batches), next(batches)
+    state = loader.state_dict()
+    changed = DaliLoader(items, len(items), _cfg("dali", "independent").data, 16, 4, 0, 0, 2, torch.device("cpu"))
+    changed.load_state_dict(state)
+    rest = list(changed.epoch(0, start_step=2))
+    assert len(rest) == 3 and all(isinstance(b, tuple) for b in rest)
+    assert "other data settings" in caplog.text
+
+
 def test_data_errors_name_the_problem(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         scan_imagefolder(tmp_path / "missing")
