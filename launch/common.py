@@ -6,7 +6,6 @@ import faulthandler
 import logging
 import os
 import secrets
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -73,24 +72,32 @@ class RunFolder:
 
     def check_shared(self, dist_info: DistInfo) -> None:
         """Refuse a job whose ranks do not all see the folder rank 0 sees: rank 0 leaves a token file
-        in it, every rank looks for it after a barrier, and rank 0 removes it (and the folder, if it
-        made it) again."""
+        in it, every rank looks for it, and rank 0 removes it again, with the folders it made for it
+        while they are empty (another job may have started a run inside one meanwhile)."""
         if dist_info.world == 1:
             return
-        token = decided_by_rank0(lambda: f".rank0-token-{secrets.token_hex(8)}")
-        made = None  # the outermost folder rank 0 makes for the check, removed after it
-        if dist_info.is_main:
-            made = next((p for p in [*reversed(self.path.parents), self.path] if not p.exists()), None)
-            self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / token).touch()
-        torch.distributed.barrier()
+
+        def leave_token() -> tuple[str, list[Path]]:
+            made = [p for p in [*reversed(self.path.parents), self.path] if not p.exists()]  # outermost first
+            token = f".rank0-token-{secrets.token_hex(8)}"
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                (self.path / token).touch()
+            except OSError as err:
+                raise RunFolderError(f"cannot write into the run folder {self.path}: {err}") from None
+            return token, made
+
+        token, made = decided_by_rank0(leave_token)  # every rank returns after rank 0 wrote the token
         sees = torch.tensor([float((self.path / token).is_file())], device=dist_info.device)
         seen = all_gather(sees)  # [world]
         torch.distributed.barrier()
         if dist_info.is_main:
             (self.path / token).unlink()
-            if made is not None:
-                shutil.rmtree(made)
+            for folder in reversed(made):
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty: another job writes there
+                    break
         blind = [r for r, s in enumerate(seen.tolist()) if not s]
         if blind:
             raise RunFolderError(

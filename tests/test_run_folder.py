@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from pretrain_runs import PRETRAIN, ROOT, clean_env, metrics, quiet, run
+from pretrain_runs import PRETRAIN, ROOT, clean_env, free_port, metrics, quiet, run
 
 from symmim.core.checkpoint import CheckpointError, resumable_tag
 from symmim.core.config import load_config
@@ -195,3 +195,27 @@ def test_exported_files_share_one_mode(finished, tmp_path):
     run([sys.executable, "-m", "symmim.launch.export", str(run_dir), "--out", str(out)])
     assert os.stat(out).st_mode & 0o777 == os.stat(out.with_suffix(".json")).st_mode & 0o777
     assert json.loads(out.with_suffix(".json").read_text())["source"]["tag"] == "step00000004"
+
+
+def _check_shared(tmp_path: Path, folder: Path, *extra: str) -> list[str]:
+    """Each rank's outcome of ``check_shared`` on ``folder`` in a two-rank job."""
+    out = tmp_path / "outcomes"
+    out.mkdir()
+    run([sys.executable, str(Path(__file__).with_name("shared_folder_ranks.py")), "--folder", str(folder),
+         "--out", str(out), "--port", str(free_port()), *extra])
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_the_shared_folder_check_leaves_a_run_another_job_started_meanwhile(tmp_path):
+    """Rank 0 makes ``sweep/a`` for the check; another job starts ``sweep/b`` before it ends: the
+    check removes the empty ``a`` only, not ``sweep`` with the other run inside."""
+    assert _check_shared(tmp_path, tmp_path / "sweep" / "a", "--other-job", str(tmp_path / "sweep" / "b")) == \
+        ["passed", "passed"]
+    assert (tmp_path / "sweep" / "b" / "checkpoints").is_dir()
+    assert not (tmp_path / "sweep" / "a").exists()
+
+
+def test_a_run_folder_rank_0_cannot_write_is_refused_on_every_rank(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    outcomes = _check_shared(tmp_path, tmp_path / "a_file" / "run")
+    assert all(o.startswith(f"cannot write into the run folder {tmp_path / 'a_file' / 'run'}") for o in outcomes)
