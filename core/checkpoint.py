@@ -78,7 +78,8 @@ def _tags(ckpt_dir: Path) -> list[Path]:
     return sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and re.fullmatch(r"step\d+", p.name)), key=written)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """``path`` holds ``text``, or what it held before if the process dies while writing."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -126,8 +127,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, rank_
         seq = 1 + max((m.get("seq", 0) for m in map(_manifest_or_none, history) if m), default=0)
         files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
         manifest = {"step": step, "seq": seq, "world_size": world, "layout": layout or {}, "arch": arch, "files": files}
-        _write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
-        _write_atomic(ckpt_dir / "latest", tag_dir.name)
+        write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
+        write_atomic(ckpt_dir / "latest", tag_dir.name)
         _prune(ckpt_dir, keep)
     dist.barrier()
     return tag_dir
@@ -232,7 +233,7 @@ def universal_copy(tag_dir: Path) -> Path:
             convert_partitioned(tag_dir, out)
         for own in [*tag_dir.glob("rank*_state.pt"), tag_dir / MANIFEST]:
             shutil.copy2(own, out / own.name)
-        _write_atomic(out / CONVERTED, json.dumps({**source, "seconds": time.perf_counter() - start}))
+        write_atomic(out / CONVERTED, json.dumps({**source, "seconds": time.perf_counter() - start}))
 
     decided_by_rank0(convert)
     return out

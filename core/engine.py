@@ -70,6 +70,13 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config
     return engine, optimizer
 
 
+def restore_configured_clip(engine, optimizer: torch.optim.Optimizer) -> None:
+    """After a checkpoint load: DeepSpeed's ZeRO and bf16/fp16 optimizers restore the clipping
+    threshold they were saved with; a resume clips by the one its config asks for."""
+    if hasattr(optimizer, "clip_grad"):
+        optimizer.clip_grad = engine.gradient_clipping()
+
+
 @contextmanager
 def update_withheld(optimizer: torch.optim.Optimizer, withhold: bool) -> Iterator[None]:
     """DeepSpeed's engine step, with ``optimizer``'s update (the optimizer inside DeepSpeed's wrapper)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from symmim.core.classify import ViTClassifier, mix, soft_cross_entropy
 from symmim.core.config import Config
 from symmim.core.distributed import DistInfo, finite_on_every_rank
-from symmim.core.engine import DTYPES, build_engine, global_grad_norm, update_withheld
+from symmim.core.engine import DTYPES, build_engine, global_grad_norm, restore_configured_clip, update_withheld
 from symmim.core.loop import Position
 from symmim.core.optim import LARS, layer_decay_groups, param_groups
 from symmim.core.pretrained import load_encoder_weights
@@ -76,7 +76,7 @@ class ClassifierTraining:
         return {}
 
     def load_state_dict(self, state: dict, rank_state: dict | None) -> None:
-        pass
+        restore_configured_clip(self.engine, self.optimizer)
 
 
 def build_classifier_training(cfg: Config, dist: DistInfo, num_classes: int, weights: str | None,

@@ -5,6 +5,8 @@ import json
 import logging
 from pathlib import Path
 
+from symmim.core.checkpoint import write_atomic
+
 log = logging.getLogger("symmim")
 
 
@@ -22,7 +24,7 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step:
             kept.append(line + "\n")
-    path.write_text("".join(kept))
+    write_atomic(path, "".join(kept))  # a kill while rewriting keeps the history
 
 
 class MetricsLog:

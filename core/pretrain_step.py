@@ -18,7 +18,8 @@ from torch import Tensor
 
 from symmim.core.config import Config
 from symmim.core.distributed import DistInfo, all_gather, finite_on_every_rank
-from symmim.core.engine import DTYPES, build_engine, fast_step, global_grad_norm, update_withheld
+from symmim.core.engine import (DTYPES, build_engine, fast_step, global_grad_norm, restore_configured_clip,
+                                update_withheld)
 from symmim.core.loop import Position
 from symmim.core.masking import Mask, MaskGenerator
 from symmim.core.optim import build_optimizer
@@ -203,8 +204,7 @@ class Training:
     def load_state_dict(self, state: dict, rank_state: dict | None) -> None:
         """``rank_state`` None (another number of processes wrote it): the mask streams start anew,
         seeded from the step of the checkpoint and this rank."""
-        if hasattr(self.optimizer, "clip_grad"):  # DeepSpeed's ZeRO and bf16/fp16 optimizers restored the checkpoint's
-            self.optimizer.clip_grad = self.engine.gradient_clipping()
+        restore_configured_clip(self.engine, self.optimizer)
         if self.momentum is not None:
             self.momentum.load_state_dict(state["momentum"])
         if rank_state is None:

@@ -419,3 +419,16 @@ def test_time_to_accuracy_reads_the_knn_records(tmp_path, capsys):
     commands = capsys.readouterr().out.splitlines()
     assert len(commands) == 3 and all("train.time_limit_min=2.0" in c and "eval.knn_every_epochs=1" in c for c in commands)
     assert "mask.ratio=0.5" in commands[2]
+
+
+def test_a_resumed_fine_tuning_clips_by_its_configured_threshold():
+    """DeepSpeed's ZeRO and bf16 optimizers load the clipping threshold they were saved with; the
+    resumed run clips by its config's (the engine's ``gradient_clipping``), as pre-training does."""
+    from types import SimpleNamespace
+
+    from symmim.core.finetune_step import ClassifierTraining
+
+    engine = SimpleNamespace(gradient_clipping=lambda: 3.0)
+    optimizer = SimpleNamespace(clip_grad=1.0)  # as loaded from a checkpoint saved with optim.clip_grad=1
+    ClassifierTraining(engine, optimizer, 10, 0.0, 0.0, 0.0, 0, 0).load_state_dict({}, None)
+    assert optimizer.clip_grad == 3.0
