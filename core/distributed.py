@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,6 +90,16 @@ def lost_peer(err: BaseException) -> bool:
 T = TypeVar("T")
 
 
+def sendable(err: Exception) -> Exception:
+    """``err``, or a RuntimeError with its type and message where pickle cannot carry it to the
+    other ranks (rank 0 would fail inside the broadcast and leave them waiting)."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:
+        return RuntimeError(f"{type(err).__name__}: {err}")
+
+
 def decided_by_rank0(decide: Callable[[], T]) -> T:
     """``decide()`` run on rank 0 alone and its result, or the error it raised, given to every rank:
     one decision for the whole job where each rank's own view (of a network filesystem) could differ."""
@@ -99,7 +110,7 @@ def decided_by_rank0(decide: Callable[[], T]) -> T:
         try:
             outcome[0] = (decide(), None)
         except Exception as err:  # every rank raises it below
-            outcome[0] = (None, err)
+            outcome[0] = (None, sendable(err))
     dist.broadcast_object_list(outcome, src=0)
     result, err = outcome[0]
     if err is not None:

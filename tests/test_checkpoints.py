@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from symmim.core.checkpoint import ARCH_ADDED, CONVERTED, UNIVERSAL, resumable_tag, save_checkpoint, universal_copy
+from symmim.core.checkpoint import (ARCH_ADDED, CONVERTED, UNIVERSAL, CheckpointError, resumable_tag, save_checkpoint,
+                                    universal_copy)
 from symmim.core.metrics import truncate_metrics
 from symmim.core.universal import NAMES, ZERO0_STATES
 
@@ -145,3 +146,17 @@ def test_a_half_written_metrics_line_is_dropped_on_resume(tmp_path):
     path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "loss": 0.8}\n{"step": 4, "lo')
     truncate_metrics(path, 2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_an_error_pickle_cannot_carry_reaches_the_other_ranks_as_its_type_and_message():
+    """Rank 0's decision fails with an error the broadcast cannot pickle (a class of its own, an
+    open handle inside): the other ranks get a RuntimeError naming it instead of waiting forever."""
+    from symmim.core.distributed import sendable
+
+    class StorageGone(Exception):  # local: pickle cannot find it by name
+        pass
+
+    err = sendable(StorageGone("/shared/run is gone"))
+    assert type(err) is RuntimeError and str(err) == "StorageGone: /shared/run is gone"
+    plain = CheckpointError("step00000004: incomplete")
+    assert sendable(plain) is plain
