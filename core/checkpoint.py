@@ -79,10 +79,26 @@ def _tags(ckpt_dir: Path) -> list[Path]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """``path`` holds ``text``, or what it held before if the process dies while writing."""
+    """``path`` holds ``text``, or what it held before if the process or its node dies while writing."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)  # the rename itself
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to the storage it lives on."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # a folder on a filesystem that cannot sync one: its entries go with the next commit
+        if path.is_file():
+            raise
+    finally:
+        os.close(fd)
 
 
 def _damage(tag_dir: Path) -> str | None:
@@ -126,6 +142,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, rank_
         history = _tags(ckpt_dir)
         seq = 1 + max((m.get("seq", 0) for m in map(_manifest_or_none, history) if m), default=0)
         files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+        for name in files:  # on the storage before the manifest names them: a node crash keeps the older tag
+            _fsync(tag_dir / name)
         manifest = {"step": step, "seq": seq, "world_size": world, "layout": layout or {}, "arch": arch, "files": files}
         write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
         write_atomic(ckpt_dir / "latest", tag_dir.name)

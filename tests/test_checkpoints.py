@@ -160,3 +160,29 @@ def test_an_error_pickle_cannot_carry_reaches_the_other_ranks_as_its_type_and_me
     assert type(err) is RuntimeError and str(err) == "StorageGone: /shared/run is gone"
     plain = CheckpointError("step00000004: incomplete")
     assert sendable(plain) is plain
+
+
+def test_a_manifest_names_only_files_already_flushed_to_storage(tmp_path, monkeypatch):
+    """A node that dies right after the save must not leave a manifest over data still in its page
+    cache: every file of the tag is fsynced before the manifest (and ``latest``) is written."""
+    synced, order = set(), []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    real_replace = os.replace
+
+    def replace(src, dst) -> None:
+        order.append((Path(dst).name, set(synced)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    tag = save(tmp_path / "checkpoints", 4)
+    data = {os.path.realpath(p) for p in tag.iterdir() if p.name != "manifest.json"}
+    assert data and [name for name, _ in order] == ["manifest.json", "latest"]
+    assert all(data <= synced_then for _, synced_then in order)
+    for path in (tag / ".manifest.json.tmp", tag, tag.parent / ".latest.tmp", tag.parent):  # each text, each rename
+        assert os.path.realpath(path) in synced
