@@ -77,6 +77,11 @@ def restore_configured_clip(engine, optimizer: torch.optim.Optimizer) -> None:
         optimizer.clip_grad = engine.gradient_clipping()
 
 
+def inner_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that steps: ours inside DeepSpeed's ZeRO or bf16/fp16 wrapper, or ``optimizer`` itself."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 @contextmanager
 def update_withheld(optimizer: torch.optim.Optimizer, withhold: bool) -> Iterator[None]:
     """DeepSpeed's engine step, with ``optimizer``'s update (the optimizer inside DeepSpeed's wrapper)

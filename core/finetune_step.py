@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from symmim.core.classify import ViTClassifier, mix, soft_cross_entropy
 from symmim.core.config import Config
 from symmim.core.distributed import DistInfo, finite_on_every_rank
-from symmim.core.engine import DTYPES, build_engine, global_grad_norm, restore_configured_clip, update_withheld
+from symmim.core.engine import (DTYPES, build_engine, global_grad_norm, inner_optimizer, restore_configured_clip,
+                                update_withheld)
 from symmim.core.loop import Position
 from symmim.core.optim import LARS, layer_decay_groups, param_groups
 from symmim.core.pretrained import load_encoder_weights
@@ -60,7 +61,7 @@ class ClassifierTraining:
         self.round_nonfinite |= not finite_on_every_rank(loss)  # a host sync: this step is not on the fast path
         self.engine.backward(loss)
         stepped = self.engine.is_gradient_accumulation_boundary()
-        with update_withheld(getattr(self.optimizer, "optimizer", self.optimizer), stepped and self.round_nonfinite):
+        with update_withheld(inner_optimizer(self.optimizer), stepped and self.round_nonfinite):
             self.engine.step()
         out = {"loss": loss, "stepped": stepped, "skipped": None, "grad_norm": None}
         if stepped:

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from symmim.core.config import Config
 from symmim.core.distributed import DistInfo, all_gather, finite_on_every_rank
-from symmim.core.engine import (DTYPES, build_engine, fast_step, global_grad_norm, restore_configured_clip,
-                                update_withheld)
+from symmim.core.engine import (DTYPES, build_engine, fast_step, global_grad_norm, inner_optimizer,
+                                restore_configured_clip, update_withheld)
 from symmim.core.loop import Position
 from symmim.core.masking import Mask, MaskGenerator
 from symmim.core.optim import build_optimizer
@@ -165,7 +165,7 @@ class Training:
     @property
     def base_optimizer(self) -> torch.optim.Optimizer:
         """Our optimizer (the one that steps) inside DeepSpeed's ZeRO wrapper, or itself under ZeRO-0."""
-        return getattr(self.optimizer, "optimizer", self.optimizer)
+        return inner_optimizer(self.optimizer)
 
     def describe(self) -> str:
         """The step's path, for the log."""
