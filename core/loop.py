@@ -53,6 +53,7 @@ class Position:
     step: int = 0  # optimizer steps
     wall_s: float = 0.0  # training seconds, summed over resumed sessions, evaluation excluded
     images: int = 0  # images consumed in this epoch by all ranks together (set when saved)
+    evaluated_step: int = -1  # the step of the last evaluation (-1: none yet)
 
 
 class Trainer(Protocol):
@@ -225,11 +226,14 @@ class TrainLoop:
             pos.wall_s = self.wall_at_start + time.perf_counter() - self.session_start
             self.bar.update(1)
             last = pos.step >= schedule.total_steps
+            # the end of the epoch or run saves right after this step: a periodic save here would
+            # record the epoch as unfinished, and a resume from it would evaluate the epoch again
+            saved_next = last or pos.micro >= schedule.micro_per_epoch
             if pos.step % self.log_cfg.every_steps == 0 or last:
                 self._log_window()
-                if self._stop(last):
+                if self._stop(saved_next):
                     return True
-            if self.train.ckpt_every_steps and pos.step % self.train.ckpt_every_steps == 0 and not last:
+            if self.train.ckpt_every_steps and pos.step % self.train.ckpt_every_steps == 0 and not saved_next:
                 self._checkpoint()
             if last:
                 break
@@ -242,8 +246,9 @@ class TrainLoop:
         if completed:
             pos.epoch, pos.micro = pos.epoch + 1, 0
         ev = self.evaluation
-        if ev and ev.every_epochs and ((completed and pos.epoch % ev.every_epochs == 0)
-                                       or pos.step >= self.schedule.total_steps):
+        due = ev and ev.every_epochs and ((completed and pos.epoch % ev.every_epochs == 0)
+                                          or pos.step >= self.schedule.total_steps)
+        if due and pos.evaluated_step != pos.step:  # not when a time-limit stop evaluated this step before a resume
             self.session_start += self._evaluate()  # wall_s counts training, not evaluation
         if self.epoch_end:
             self.epoch_end(pos)
@@ -294,6 +299,7 @@ class TrainLoop:
         """Run and log the evaluation; returns the seconds it took."""
         t0 = time.perf_counter()
         self.last_eval = self.evaluation.run()
+        self.pos.evaluated_step = self.pos.step
         self.metrics.log({"step": self.pos.step, "epoch": self._epoch_float(), "wall_s": self.pos.wall_s,
                           **self.last_eval})
         log.info("step %d: %s", self.pos.step, ", ".join(f"{k} {v:.2f}" for k, v in self.last_eval.items()))
@@ -301,10 +307,10 @@ class TrainLoop:
 
     # ---- stop policy ----
 
-    def _stop(self, last: bool) -> bool:
+    def _stop(self, saved_next: bool) -> bool:
         """At a logging step: stop (True) on a signal or the time limit, or checkpoint when
-        ``train.ckpt_every_min`` is due. Every rank must agree: rank 0's clocks decide, a signal
-        on any rank counts."""
+        ``train.ckpt_every_min`` is due and the loop does not save right after this step anyway
+        (``saved_next``). Every rank must agree: rank 0's clocks decide, a signal on any rank counts."""
         t, now = self.train, time.perf_counter()
         flags = torch.tensor([
             self.stop.name is not None,
@@ -322,7 +328,7 @@ class TrainLoop:
                       else f"time limit of {t.time_limit_min} min reached")
             log.info("%s: stopped at step %d, checkpoint %s; continue with --resume", reason, self.pos.step, path)
             return True
-        if ckpt_due and not last:
+        if ckpt_due and not saved_next:
             self._checkpoint()
         return False
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pretrain_runs import PRETRAIN, ROOT, clean_env, free_port, metrics, quiet, run, untimed
+from pretrain_runs import PRETRAIN, ROOT, clean_env, free_port, metrics, quiet, rewind, run, untimed
 
 from symmim.data.folder import scan_imagefolder
 from symmim.data.verify import find_truncated, suspect
@@ -118,6 +118,35 @@ def test_an_epoch_ending_on_a_periodic_step_saves_that_step_once(embedded_cache,
     saves = re.findall(r"checkpoint saved: \S+/(step\d+)", proc.stderr)
     assert saves == ["step00000004", "step00000008", "step00000009"], saves
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == ["step00000009"]
+
+
+EPOCH_OF_8 = ("train.batch_size=250", "model.img_size=32", "log.recon_images=0", "eval.knn_every_epochs=1",
+              "train.max_steps=12", "train.ckpt_every_steps=4")  # 8 steps an epoch
+
+
+@pytest.mark.parametrize("stop", ["periodic save", "time limit"])
+def test_a_resume_at_an_epoch_end_logs_what_the_uninterrupted_run_logged(embedded_cache, tmp_path, stop):
+    """kNN after each 8-step epoch. The first session ends at step 8 (the epoch's last): after its
+    checkpoint of every 4 steps, or stopped by a time limit at its first logging step (which
+    evaluates before it saves). Resumed from step 8, the run logs what one uninterrupted run logs:
+    that epoch's evaluation once, not again after the resume."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run([sys.executable, PRETRAIN, *quiet(embedded_cache, *EPOCH_OF_8, "log.every_steps=4"), "--output-dir", str(full)])
+    if stop == "periodic save":
+        shutil.copytree(full, resumed)
+        rewind(resumed, 8)
+    else:
+        proc = run([sys.executable, PRETRAIN, *quiet(embedded_cache, *EPOCH_OF_8, "log.every_steps=8",
+                                                     "train.time_limit_min=0.0001"), "--output-dir", str(resumed)])
+        assert "stopped at step 8" in proc.stderr
+    run([sys.executable, PRETRAIN, *quiet(embedded_cache, *EPOCH_OF_8, "log.every_steps=4"), "--output-dir", str(resumed),
+         "--resume"])
+    evaluated = [r["step"] for r in metrics(resumed) if "knn_top1" in r]
+    assert evaluated == [8, 12], evaluated
+
+    def from_epoch_end(records: list[dict]) -> list[dict]:  # the time-limited session logged its window at step 8 only
+        return [r for r in untimed(records) if r["step"] > 8 or "knn_top1" in r]
+    assert from_epoch_end(metrics(resumed)) == from_epoch_end(metrics(full))
 
 
 def test_a_run_folder_copied_without_its_times_resumes_its_newest_checkpoint(finished_run, tmp_path):
