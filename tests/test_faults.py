@@ -108,8 +108,8 @@ def _copy(finished_run, tmp_path) -> Path:
 
 
 def test_an_epoch_ending_on_a_periodic_step_saves_that_step_once(embedded_cache, tmp_path):
-    """8 steps an epoch, a checkpoint every 4, keep 1: step 8 is saved by the periodic rule and not
-    again at the epoch's end (a second save would first delete the only complete tag)."""
+    """8 steps an epoch, a checkpoint every 4, keep 1: step 8 is saved once, at the epoch's end (a
+    second save would first delete the only complete tag)."""
     run_dir = tmp_path / "run"
     proc = run([sys.executable, PRETRAIN, *quiet(embedded_cache, "train.batch_size=250", "train.max_steps=9", "model.img_size=32",
                                                  "train.ckpt_every_steps=4", "train.keep_checkpoints=1",
