@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -222,10 +223,11 @@ def _manifest_hash(tag_dir: Path) -> str:
     return hashlib.sha256((tag_dir / MANIFEST).read_bytes()).hexdigest()
 
 
-def universal_copy(tag_dir: Path) -> Path:
+def universal_copy(tag_dir: Path, wait: timedelta | None = None) -> Path:
     """``tag_dir`` in the universal layout at ``checkpoints/universal/<tag>``: converted by rank 0
-    unless a copy of this very tag (its manifest's hash) is there, while the others wait. A ZeRO-0
-    tag from before the parameter names were saved is refused before anything is written."""
+    unless a copy of this very tag (its manifest's hash) is there, while the others wait (up to
+    ``wait``; None: the process group's timeout). A ZeRO-0 tag from before the parameter names
+    were saved is refused before anything is written."""
     out = tag_dir.parent / UNIVERSAL / tag_dir.name
     source = {"source": tag_dir.name, "manifest_sha256": _manifest_hash(tag_dir)}
 
@@ -253,7 +255,7 @@ def universal_copy(tag_dir: Path) -> Path:
             shutil.copy2(own, out / own.name)
         write_atomic(out / CONVERTED, json.dumps({**source, "seconds": time.perf_counter() - start}))
 
-    decided_by_rank0(convert)
+    decided_by_rank0(convert, wait)
     return out
 
 

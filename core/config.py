@@ -126,6 +126,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row (each one skips its step)
     dist_timeout_min: float = 30.0  # a collective waiting longer than this fails the job
+    convert_timeout_min: float = 240.0  # how long the other ranks wait for rank 0 to convert a checkpoint (resume)
 
 
 @dataclass
@@ -332,6 +333,9 @@ def validate(cfg: Config) -> None:
     for key in ("batch_size", "grad_accum", "epochs"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}: must be at least 1, got {getattr(t, key)}")
+    for key in ("dist_timeout_min", "convert_timeout_min"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"train.{key}: minutes above 0, got {getattr(t, key)}")
     shift_limit = m.img_size if cfg.data.key_view == "shifted" else float("inf")
     if not 0 <= cfg.data.key_shift < shift_limit:
         raise ConfigError(f"data.key_shift: output pixels in [0, model.img_size {m.img_size}) with data.key_view "

@@ -100,18 +100,27 @@ def sendable(err: Exception) -> Exception:
         return RuntimeError(f"{type(err).__name__}: {err}")
 
 
-def decided_by_rank0(decide: Callable[[], T]) -> T:
+def decided_by_rank0(decide: Callable[[], T], wait: timedelta | None = None) -> T:
     """``decide()`` run on rank 0 alone and its result, or the error it raised, given to every rank:
-    one decision for the whole job where each rank's own view (of a network filesystem) could differ."""
+    one decision for the whole job where each rank's own view (of a network filesystem) could differ.
+
+    The other ranks wait for it as long as any collective (the process group's timeout), or
+    ``wait`` where ``decide`` is long work (a checkpoint conversion): then they wait in a gloo
+    group of their own with that timeout."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return decide()
+    group = dist.new_group(backend="gloo", timeout=wait) if wait is not None else None
     outcome: list = [None]
     if dist.get_rank() == 0:
         try:
             outcome[0] = (decide(), None)
         except Exception as err:  # every rank raises it below
             outcome[0] = (None, sendable(err))
-    dist.broadcast_object_list(outcome, src=0)
+    try:
+        dist.broadcast_object_list(outcome, src=0, group=group)
+    finally:
+        if group is not None:
+            dist.destroy_process_group(group)
     result, err = outcome[0]
     if err is not None:
         raise err

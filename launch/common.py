@@ -8,6 +8,7 @@ import os
 import secrets
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
 
@@ -122,7 +123,9 @@ class RunFolder:
             return None
         if manifest["world_size"] != world:
             keep_global_batch(cfg, manifest["layout"], manifest["world_size"], world)
-        return universal_copy(tag) if needs_conversion(manifest, world, cfg.ds.zero_stage) else tag
+        if not needs_conversion(manifest, world, cfg.ds.zero_stage):
+            return tag
+        return universal_copy(tag, timedelta(minutes=cfg.train.convert_timeout_min))
 
     def accept(self, cfg: Config, dist_info: DistInfo) -> None:
         """The launch is valid: create the folder and write the resolved ``config.yaml`` (rank 0)."""

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+
+from pretrain_runs import clean_env, free_port
 
 from symmim.core.checkpoint import (ARCH_ADDED, CONVERTED, UNIVERSAL, CheckpointError, resumable_tag, save_checkpoint,
                                     universal_copy)
@@ -186,3 +190,20 @@ def test_a_manifest_names_only_files_already_flushed_to_storage(tmp_path, monkey
     assert all(data <= synced_then for _, synced_then in order)
     for path in (tag / ".manifest.json.tmp", tag, tag.parent / ".latest.tmp", tag.parent):  # each text, each rename
         assert os.path.realpath(path) in synced
+
+
+@pytest.mark.parametrize("wait_s", [None, 60.0])
+def test_the_other_ranks_wait_out_a_conversion_longer_than_the_collective_timeout(tmp_path, wait_s):
+    """Rank 0 converts for about 4 s in a job whose collectives time out after 2 s: waiting up to
+    ``train.convert_timeout_min`` (here 60 s), both ranks go on with the copy; with only the
+    collective timeout, the waiting rank fails."""
+    tag, out = save(tmp_path / "checkpoints", 4), tmp_path / "outcomes"
+    out.mkdir()
+    cmd = [sys.executable, str(Path(__file__).with_name("slow_conversion_ranks.py")), "--tag", str(tag), "--out", str(out),
+           "--port", str(free_port()), *(["--wait-s", str(wait_s)] if wait_s else [])]
+    subprocess.run(cmd, env=clean_env(), capture_output=True, timeout=120)
+    outcomes = [json.loads(f.read_text()) if (f := out / f"rank{r}.json").is_file() else "none" for r in range(2)]
+    if wait_s:
+        assert outcomes == ["passed", "passed"]
+    else:  # rank 0 then fails at its broadcast, or is ended with the job before it writes
+        assert "timed out" in outcomes[1].lower(), outcomes  # gloo: "Timed out waiting 2000ms for recv ..."

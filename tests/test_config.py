@@ -324,6 +324,8 @@ def test_saved_config_has_no_base(tmp_path):
     (["train.batch_size=0"], "train.batch_size"),
     (["train.grad_accum=0"], "train.grad_accum"),
     (["train.epochs=0"], "train.epochs"),
+    (["train.dist_timeout_min=0"], "train.dist_timeout_min"),
+    (["train.convert_timeout_min=-1"], "train.convert_timeout_min"),
     (["loss.temperature=0"], "loss.temperature"),
     (["loss.con_weight=-1"], "loss.con_weight"),
     (["loss.momentum=1.0", "loss.momentum_end=0.99"], "loss.momentum"),
