@@ -124,14 +124,21 @@ EPOCH_OF_8 = ("train.batch_size=250", "model.img_size=32", "log.recon_images=0",
               "train.max_steps=12", "train.ckpt_every_steps=4")  # 8 steps an epoch
 
 
+@pytest.fixture(scope="module")
+def epochs_of_8(embedded_cache, tmp_path_factory) -> Path:
+    """An uninterrupted run of EPOCH_OF_8: 12 steps, checkpoints at 4, 8 and 12."""
+    full = tmp_path_factory.mktemp("epochs_of_8") / "run"
+    run([sys.executable, PRETRAIN, *quiet(embedded_cache, *EPOCH_OF_8, "log.every_steps=4"), "--output-dir", str(full)])
+    return full
+
+
 @pytest.mark.parametrize("stop", ["periodic save", "time limit"])
-def test_a_resume_at_an_epoch_end_logs_what_the_uninterrupted_run_logged(embedded_cache, tmp_path, stop):
+def test_a_resume_at_an_epoch_end_logs_what_the_uninterrupted_run_logged(embedded_cache, epochs_of_8, tmp_path, stop):
     """kNN after each 8-step epoch. The first session ends at step 8 (the epoch's last): after its
     checkpoint of every 4 steps, or stopped by a time limit at its first logging step (which
     evaluates before it saves). Resumed from step 8, the run logs what one uninterrupted run logs:
     that epoch's evaluation once, not again after the resume."""
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run([sys.executable, PRETRAIN, *quiet(embedded_cache, *EPOCH_OF_8, "log.every_steps=4"), "--output-dir", str(full)])
+    full, resumed = epochs_of_8, tmp_path / "resumed"
     if stop == "periodic save":
         shutil.copytree(full, resumed)
         rewind(resumed, 8)
