@@ -195,20 +195,21 @@ class DaliLoader:
             source = ImageList([source.files[i] for i in perm], [source.labels[i] for i in perm], source.classes)
             if data.precheck:
                 _refuse_truncated(source.files, rank, world)
+        threads = max(1, data.workers)  # 0 (no worker processes): one thread
         self._build_args = dict(
             source=source, shard_id=rank, num_shards=world, size=size, scale=data.crop_scale,
             hflip=data.hflip, decode_device=self.decode, decoder_args=self._decoder_args(data),
             normalize=self.decode == "cpu", key_view=data.key_view, key_shift=data.key_shift,
             enable_conditionals=data.key_view == "independent",  # the key's colour changes; same: the graph as it was
             seed=seed + 1 + rank,  # reader and augmentations
-            batch_size=self.batch, num_threads=max(1, data.workers),  # 0 (no worker processes): one thread
+            batch_size=self.batch, num_threads=threads,
             device_id=self.device.index if self.device.type == "cuda" else None,
         )
         self.stats = pixel_stats(self.device) if self.decode == "mixed" else None  # uint8 arrives: the GPU normalises
         self.outputs = ["images"] if data.key_view == "same" else list(Views._fields)
         self._restored = False
         self._iterator = self._make_iterator(None)
-        self.name = f"DALI ({data.format}, {max(1, data.workers)} threads, decode={self.decode})"
+        self.name = f"DALI ({data.format}, {threads} threads, decode={self.decode})"
 
     def _decoder_args(self, data: DataConfig) -> dict:
         """The ``mixed`` decoder's tuning (``data.hw_decoder_load``, ``data.decoder_prealloc``); none on CPU."""
